@@ -1,0 +1,142 @@
+"""Loading the policy and its tokenizer: one code path for the tiny kit and the real K-EXAONE checkpoints.
+
+``path`` is a local checkpoint directory (what ``build_tiny_checkpoint`` writes, or a downloaded
+K-EXAONE) or, on a machine with hub access, a hub name. ``meta_model`` and ``count_parameters`` let the
+``plan`` command reason about a 236B model without allocating it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from kexaone_align.errors import KexaoneError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise KexaoneError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def _check_source(path: str | Path) -> str:
+    """Fail early, with a readable message, on a local path that does not exist."""
+    text = str(path)
+    looks_local = isinstance(path, Path) or text.startswith((".", "/", "~")) or Path(text).exists()
+    if looks_local and not Path(text).expanduser().is_dir():
+        raise KexaoneError(f"checkpoint directory not found: {text}")
+    return str(Path(text).expanduser()) if looks_local else text
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM checkpoint for training: given dtype and device, optional gradient checkpointing."""
+    source = _check_source(path)
+    kwargs: dict = {"dtype": _resolve_dtype(dtype)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise KexaoneError(f"could not load a causal LM from {source!r}: {exc}") from exc
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the KV cache is useless (and warned about) while checkpointing
+    return model
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load the checkpoint's fast tokenizer; it must carry a chat template (K-EXAONE's, or the tiny one)."""
+    source = _check_source(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise KexaoneError(f"could not load a tokenizer from {source!r}: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise KexaoneError(f"the tokenizer at {source!r} is not a fast (tokenizers-backed) tokenizer")
+    if not tokenizer.chat_template:
+        raise KexaoneError(f"the tokenizer at {source!r} has no chat_template")
+    return tokenizer
+
+
+def meta_model(config: PretrainedConfig | str | Path) -> PreTrainedModel:
+    """Build the model on the meta device: all shapes, no memory. ``config`` may also be a checkpoint path."""
+    if not isinstance(config, PretrainedConfig):
+        config = AutoConfig.from_pretrained(_check_source(config))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameter totals of a (MoE) causal LM.
+
+    ``active`` is what one token touches: everything except the routed experts it is not sent to.
+    ``embedding`` counts the input embedding and an untied ``lm_head``; ``routed_experts`` all routed experts.
+    """
+
+    total: int
+    active: int
+    embedding: int
+    routed_experts: int
+
+    def __str__(self) -> str:
+        def b(n: int) -> str:
+            return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+        return (
+            f"{b(self.total)} total, {b(self.active)} active, {b(self.embedding)} embedding, "
+            f"{b(self.routed_experts)} in routed experts"
+        )
+
+
+def _is_routed_expert(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def count_parameters(model_or_config: PreTrainedModel | PretrainedConfig) -> ParameterCount:
+    """Count total and active parameters; a config is counted through a meta-device model (no memory)."""
+    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else meta_model(model_or_config)
+    config = model.config
+    total = embedding = routed = 0
+    for name, param in model.named_parameters():  # tied weights are yielded once
+        n = param.numel()
+        total += n
+        if name.endswith("embed_tokens.weight") or name.startswith("lm_head."):
+            embedding += n
+        elif _is_routed_expert(name):
+            routed += n
+    n_experts = getattr(config, "num_experts", None) or 0
+    top_k = getattr(config, "num_experts_per_tok", None) or 0
+    active_routed = routed * top_k // n_experts if n_experts else routed
+    active = total - routed + active_routed
+    return ParameterCount(total=total, active=active, embedding=embedding, routed_experts=routed)
