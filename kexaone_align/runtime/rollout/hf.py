@@ -1,0 +1,237 @@
+"""Rollouts with plain transformers: batched, KV-cached, with our own sampling loop.
+
+We do not call ``model.generate`` because we need, for every sampled token, its log-prob under the
+exact distribution it was drawn from (temperature, then top-p, renormalised), and per-sample random
+streams so that a sample does not change when the batch around it changes. Prompts are left-padded;
+position ids are computed from the attention mask so padded and unpadded rows see the same RoPE
+positions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.rollout.base import (
+    RolloutRequest,
+    RolloutSample,
+    SamplingConfig,
+    VersionTracker,
+    expand_requests,
+)
+from kexaone_align.runtime.rollout.sampling import processed_logprobs, sample_seed
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map a recipe dtype name to torch, with a clear error for typos."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise KexaoneError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_named_tensors(
+    targets: dict[str, torch.Tensor], named_tensors: Iterable[tuple[str, torch.Tensor]]
+) -> int:
+    """Copy tensors into a model's state dict in place (names may carry a DeepSpeed ``module.`` prefix)."""
+    count = 0
+    with torch.no_grad():
+        for name, tensor in named_tensors:
+            key = name.removeprefix("module.")
+            target = targets.get(key)
+            if target is None:
+                raise KexaoneError(f"weight update names unknown parameter {name!r}")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise KexaoneError(
+                    f"weight update for {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the rollout model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            count += 1
+    return count
+
+
+class HFRolloutBackend:
+    """A :class:`RolloutBackend` on transformers, for CPU runs, tests and small GPU jobs."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_size: int = 16,
+        initial_version: int = 0,
+    ) -> None:
+        path = Path(model_path)
+        if not path.exists():
+            raise KexaoneError(f"rollout model path {str(path)!r} does not exist")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        *,
+        device: str = "cpu",
+        max_batch_size: int = 16,
+        initial_version: int = 0,
+    ) -> HFRolloutBackend:
+        """Wrap an already-built model (tests, or a colocated learner's copy)."""
+        self = cls.__new__(cls)
+        self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version)
+        return self
+
+    def _setup(
+        self, model: PreTrainedModel, *, device: str, max_batch_size: int, initial_version: int
+    ) -> None:
+        if max_batch_size < 1:
+            raise KexaoneError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.max_batch_size = max_batch_size
+        self._versions = VersionTracker(initial_version)
+        self._targets = self.model.state_dict()
+        self._tensors_in_update = 0
+        cfg = self.model.config
+        self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        eos = getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id
+        if eos is None:
+            eos = []
+        self.default_stop_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+        self.last_metrics: dict[str, float] = {}
+
+    # -- RolloutBackend ---------------------------------------------------------------------------
+    @property
+    def policy_version(self) -> int:
+        return self._versions.current
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
+        """Sample every request ``num_samples`` times; order follows the requests, then sample index."""
+        rows = expand_requests(requests)
+        stop = set(sampling.stop_token_ids or self.default_stop_token_ids)
+        start = time.perf_counter()
+        samples: list[RolloutSample] = []
+        for lo in range(0, len(rows), self.max_batch_size):
+            samples.extend(self._generate_batch(rows[lo : lo + self.max_batch_size], sampling, stop))
+        seconds = time.perf_counter() - start
+        n_tokens = sum(len(s.token_ids) for s in samples)
+        self.last_metrics = {
+            "rollout/samples": float(len(samples)),
+            "rollout/generated_tokens": float(n_tokens),
+            "rollout/seconds": seconds,
+            "rollout/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
+        }
+        return samples
+
+    def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load one bucket of weights for ``version``; publish it with :meth:`finish_update`."""
+        self._versions.begin(version)
+        self._tensors_in_update += load_named_tensors(self._targets, named_tensors)
+
+    def finish_update(self, version: int) -> None:
+        """Publish ``version``: samples generated from now on carry it."""
+        self._versions.finish(version)
+        self._tensors_in_update = 0
+
+    def release_memory(self) -> None:
+        """Colocated mode: hand the accelerator back to the learners (no-op on CPU)."""
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def resume(self) -> None:
+        """Colocated mode: move the weights back to the accelerator (no-op on CPU)."""
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+            self._targets = self.model.state_dict()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """Full-sequence float32 logits for equal-length sequences (used to check weight sync)."""
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        return self.model(input_ids=ids, use_cache=False).logits.float().cpu()
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, rows: list[tuple[RolloutRequest, int]], sampling: SamplingConfig, stop: set[int]
+    ) -> list[RolloutSample]:
+        batch = len(rows)
+        width = max(len(req.prompt_token_ids) for req, _ in rows)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, (req, _) in enumerate(rows):
+            n = len(req.prompt_token_ids)
+            input_ids[i, width - n :] = torch.tensor(req.prompt_token_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [
+            torch.Generator(device=self.device).manual_seed(sample_seed(sampling.seed, req.request_id, idx))
+            for req, idx in rows
+        ]
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_pos = positions[:, -1:] + 1
+        tokens: list[list[int]] = [[] for _ in rows]
+        logps: list[list[float]] = [[] for _ in rows]
+        reasons: list[Any] = [None] * batch
+        for _step in range(sampling.max_new_tokens):
+            logp = processed_logprobs(out.logits[:, -1, :], sampling.temperature, sampling.top_p)
+            probs = logp.exp()
+            chosen = []
+            for i in range(batch):
+                if reasons[i] is not None:
+                    chosen.append(self.pad_token_id)
+                    continue
+                tok = int(torch.multinomial(probs[i], 1, generator=generators[i]).item())
+                tokens[i].append(tok)
+                logps[i].append(float(logp[i, tok]))
+                if tok in stop:
+                    reasons[i] = "stop"
+                elif len(tokens[i]) >= sampling.max_new_tokens:
+                    reasons[i] = "length"
+                chosen.append(tok)
+            if all(r is not None for r in reasons):
+                break
+            mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+            out = self.model(
+                input_ids=torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None],
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+        version = self.policy_version
+        return [
+            RolloutSample(
+                request_id=req.request_id,
+                sample_index=idx,
+                prompt_token_ids=list(req.prompt_token_ids),
+                token_ids=tokens[i],
+                logprobs=logps[i],
+                finish_reason=reasons[i],
+                policy_version=version,
+                metadata=dict(req.metadata),
+            )
+            for i, (req, idx) in enumerate(rows)
+        ]

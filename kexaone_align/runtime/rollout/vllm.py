@@ -1,0 +1,287 @@
+"""Rollouts on vLLM's offline engine, written against vllm==0.33.0 (the ``vllm`` extra).
+
+UNVERIFIED on the machines this project is developed on: vLLM cannot be installed or run there.
+Everything that does not need a GPU (engine arguments, sampling parameters, converting outputs to
+``RolloutSample``, version bookkeeping, the calls made for weight updates) is pure Python and tested
+on CPU with fakes shaped like vLLM's documented objects; the real engine test is ``@pytest.mark.gpu``.
+
+How each requirement maps onto vLLM:
+
+* Processed log-probs: engine arg ``logprobs_mode="processed_logprobs"`` makes the sampler report
+  log-probs of the distribution after temperature and top-p; ``SamplingParams(logprobs=0)`` returns
+  just the sampled token's entry, a ``dict[token_id, Logprob]`` per position.
+* Prompts go in as ``TokensPrompt(prompt_token_ids=...)``; ``n`` samples per request share one seed
+  derived from (run seed, request id).
+* Tensor parallelism: ``tensor_parallel_size``. MTP self-speculative decoding:
+  ``speculative_config={"method": "mtp", "num_speculative_tokens": k}``.
+* In-place weight updates: ``worker_extension_cls`` mixes :class:`~.vllm_ext.WeightSyncWorkerExtension`
+  into vLLM's workers and ``LLM.collective_rpc`` calls its ``load_weights`` wrapper (object store
+  transport) or its NCCL/gloo receiver. The prefix cache is reset after each published version,
+  because cached KV blocks were computed with the old weights.
+* Colocated mode: ``enable_sleep_mode=True`` with ``LLM.sleep(level=1)`` / ``LLM.wake_up()``.
+
+Documentation relied on:
+  https://docs.vllm.ai/en/latest/api/vllm/sampling_params/
+  https://docs.vllm.ai/en/v0.22.1/api/vllm/v1/sample/sampler/
+  https://docs.vllm.ai/en/latest/api/vllm/outputs/
+  https://docs.vllm.ai/en/latest/api/vllm/inputs/
+  https://docs.vllm.ai/en/v0.19.1/features/speculative_decoding/mtp/
+  https://docs.vllm.ai/en/v0.15.0/examples/offline_inference/rlhf_utils/
+  https://docs.vllm.ai/en/v0.32.0/training/weight_transfer/
+  https://docs.vllm.ai/en/latest/features/sleep_mode/
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kexaone_align.errors import KexaoneError, MissingExtraError
+from kexaone_align.runtime.rollout.base import (
+    RolloutRequest,
+    RolloutSample,
+    SamplingConfig,
+    VersionTracker,
+)
+from kexaone_align.runtime.rollout.sampling import sample_seed
+
+WORKER_EXTENSION = "kexaone_align.runtime.rollout.vllm_ext.WeightSyncWorkerExtension"
+
+
+def import_vllm() -> Any:
+    """Import vLLM lazily, turning a missing install into a clear user-facing error."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise MissingExtraError("vllm", "vllm", "the vllm rollout backend") from exc
+    return vllm
+
+
+def vllm_engine_kwargs(
+    model_path: str | Path,
+    *,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    enable_mtp: bool = False,
+    num_speculative_tokens: int = 1,
+    max_model_len: int | None = None,
+    dtype: str = "bfloat16",
+    enable_sleep_mode: bool = False,
+    enforce_eager: bool = False,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` (pure, so it is checked on CPU)."""
+    if tensor_parallel_size < 1:
+        raise KexaoneError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise KexaoneError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    kwargs: dict[str, Any] = {
+        "model": str(model_path),
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "dtype": dtype,
+        "logprobs_mode": "processed_logprobs",
+        "worker_extension_cls": WORKER_EXTENSION,
+        "enable_sleep_mode": enable_sleep_mode,
+        "enforce_eager": enforce_eager,
+        "seed": seed,
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if enable_mtp:
+        if num_speculative_tokens < 1:
+            raise KexaoneError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": num_speculative_tokens}
+    kwargs.update(extra or {})
+    return kwargs
+
+
+def sampling_params_kwargs(sampling: SamplingConfig, request: RolloutRequest) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.SamplingParams`` of one request (pure)."""
+    return {
+        "n": request.num_samples,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_new_tokens,
+        "stop_token_ids": list(sampling.stop_token_ids),
+        "logprobs": 0,
+        "seed": sample_seed(sampling.seed, request.request_id, 0) % (2**31),
+        "detokenize": False,
+    }
+
+
+def request_output_to_samples(
+    output: Any, request: RolloutRequest, policy_version: int
+) -> list[RolloutSample]:
+    """Convert one vLLM ``RequestOutput`` into samples (the sampled token's logprob at each position)."""
+    samples: list[RolloutSample] = []
+    for completion in sorted(output.outputs, key=lambda c: c.index):
+        token_ids = [int(t) for t in completion.token_ids]
+        if completion.logprobs is None:
+            raise KexaoneError(
+                f"vLLM returned no logprobs for request {request.request_id!r}; "
+                "SamplingParams.logprobs must be set"
+            )
+        if len(completion.logprobs) != len(token_ids):
+            raise KexaoneError(
+                f"vLLM returned {len(completion.logprobs)} logprob entries for {len(token_ids)} tokens "
+                f"(request {request.request_id!r})"
+            )
+        logprobs = []
+        for pos, (tok, entry) in enumerate(zip(token_ids, completion.logprobs, strict=True)):
+            if tok not in entry:
+                raise KexaoneError(
+                    f"vLLM logprobs for request {request.request_id!r} miss the sampled token "
+                    f"at position {pos}"
+                )
+            logprobs.append(float(entry[tok].logprob))
+        if completion.finish_reason not in ("stop", "length"):
+            raise KexaoneError(
+                f"vLLM finished request {request.request_id!r} with reason {completion.finish_reason!r}"
+            )
+        samples.append(
+            RolloutSample(
+                request_id=request.request_id,
+                sample_index=int(completion.index),
+                prompt_token_ids=list(request.prompt_token_ids),
+                token_ids=token_ids,
+                logprobs=logprobs,
+                finish_reason=completion.finish_reason,
+                policy_version=policy_version,
+                metadata=dict(request.metadata),
+            )
+        )
+    if len(samples) != request.num_samples:
+        raise KexaoneError(
+            f"vLLM returned {len(samples)} samples for request {request.request_id!r}, "
+            f"expected {request.num_samples}"
+        )
+    return samples
+
+
+class VLLMRolloutBackend:
+    """A :class:`RolloutBackend` on ``vllm.LLM`` (GPU only; unverified here)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        enable_mtp: bool = False,
+        num_speculative_tokens: int = 1,
+        max_model_len: int | None = None,
+        dtype: str = "bfloat16",
+        enable_sleep_mode: bool = False,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        initial_version: int = 0,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        kwargs = vllm_engine_kwargs(
+            model_path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_mtp=enable_mtp,
+            num_speculative_tokens=num_speculative_tokens,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            enable_sleep_mode=enable_sleep_mode,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            extra=engine_kwargs,
+        )
+        vllm = import_vllm()
+        self._setup(vllm.LLM(**kwargs), tensor_parallel_size, enable_sleep_mode, initial_version)
+
+    @classmethod
+    def from_llm(
+        cls,
+        llm: Any,
+        *,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        initial_version: int = 0,
+    ) -> VLLMRolloutBackend:
+        """Wrap an existing ``vllm.LLM`` (or a test double with the same methods)."""
+        self = cls.__new__(cls)
+        self._setup(llm, tensor_parallel_size, enable_sleep_mode, initial_version)
+        return self
+
+    def _setup(
+        self, llm: Any, tensor_parallel_size: int, enable_sleep_mode: bool, initial_version: int
+    ) -> None:
+        self.llm = llm
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_sleep_mode = enable_sleep_mode
+        self._versions = VersionTracker(initial_version)
+        self.last_metrics: dict[str, float] = {}
+
+    @property
+    def policy_version(self) -> int:
+        return self._versions.current
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
+        import time
+
+        vllm = import_vllm()
+        prompts = [vllm.TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
+        params = [vllm.SamplingParams(**sampling_params_kwargs(sampling, r)) for r in requests]
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        version = self.policy_version
+        samples = [
+            s
+            for out, req in zip(outputs, requests, strict=True)
+            for s in request_output_to_samples(out, req, version)
+        ]
+        n_tokens = sum(len(s.token_ids) for s in samples)
+        self.last_metrics = {
+            "rollout/samples": float(len(samples)),
+            "rollout/generated_tokens": float(n_tokens),
+            "rollout/seconds": seconds,
+            "rollout/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
+        }
+        return samples
+
+    def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Object-store path: hand one bucket to every worker, which calls ``model.load_weights``."""
+        self._versions.begin(version)
+        self.llm.collective_rpc("kexaone_load_weights", args=(list(named_tensors),))
+
+    def finish_update(self, version: int) -> None:
+        self._versions.finish(version)
+        self.llm.reset_prefix_cache()
+
+    def sync_ranks(self) -> int:
+        return self.tensor_parallel_size
+
+    def join_weight_sync_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str
+    ) -> None:
+        self.llm.collective_rpc(
+            "kexaone_join_sync_group", args=(host, port, rank_offset, world_size, backend)
+        )
+
+    def receive_bucket(self, version: int, metas: list[Any]) -> None:
+        """Collective path: every TP rank joins the broadcast. A stale version is refused after it, so
+        the sender never deadlocks."""
+        try:
+            self._versions.begin(version)
+        except KexaoneError:
+            self.llm.collective_rpc("kexaone_receive_bucket", args=(metas, False))
+            raise
+        self.llm.collective_rpc("kexaone_receive_bucket", args=(metas, True))
+
+    def release_memory(self) -> None:
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def resume(self) -> None:
+        if self.enable_sleep_mode:
+            self.llm.wake_up()

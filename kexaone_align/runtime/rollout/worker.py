@@ -1,0 +1,121 @@
+"""A rollout worker: one backend (hf or vllm) behind a Ray actor, plus the receiving end of weight sync.
+
+The class is plain Python so it also runs in-process; :func:`remote_rollout_worker` wraps it in a
+Ray actor only when asked, so importing this module never needs a Ray session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.rollout.base import RolloutBackend, RolloutRequest, RolloutSample, SamplingConfig
+
+BACKENDS = ("hf", "vllm")
+
+
+def make_backend(name: str, **kwargs: Any) -> RolloutBackend:
+    """Build a rollout backend by recipe name: ``"hf"`` (transformers) or ``"vllm"``."""
+    if name == "hf":
+        from kexaone_align.runtime.rollout.hf import HFRolloutBackend
+
+        return HFRolloutBackend(**kwargs)
+    if name == "vllm":
+        from kexaone_align.runtime.rollout.vllm import VLLMRolloutBackend
+
+        return VLLMRolloutBackend(**kwargs)
+    raise KexaoneError(f"unknown rollout backend {name!r}; expected one of {list(BACKENDS)}")
+
+
+class RolloutWorker:
+    """Holds one backend; every sample it returns carries the policy version that produced it."""
+
+    def __init__(self, backend: str | RolloutBackend, **backend_kwargs: Any) -> None:
+        self.backend_name = backend if isinstance(backend, str) else type(backend).__name__
+        self.backend = make_backend(backend, **backend_kwargs) if isinstance(backend, str) else backend
+        self._group: Any = None
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness and identity: backend, current policy version, process id."""
+        return {
+            "backend": self.backend_name,
+            "policy_version": self.backend.policy_version,
+            "pid": os.getpid(),
+        }
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
+        version = self.backend.policy_version
+        samples = self.backend.generate(requests, sampling)
+        for sample in samples:
+            sample.policy_version = version
+        return samples
+
+    def metrics(self) -> dict[str, float]:
+        """Throughput of the last ``generate`` call (tokens/s and friends)."""
+        return dict(getattr(self.backend, "last_metrics", {}))
+
+    def update_weights(
+        self, version: int, named_tensors: Sequence[tuple[str, torch.Tensor]]
+    ) -> dict[str, int]:
+        """Load one bucket for ``version``; returns what was loaded so the sender can report GB/s."""
+        bucket = list(named_tensors)
+        self.backend.update_weights(version, bucket)
+        return {"tensors": len(bucket), "bytes": sum(t.numel() * t.element_size() for _, t in bucket)}
+
+    def finish_update(self, version: int) -> int:
+        self.backend.finish_update(version)
+        return self.backend.policy_version
+
+    def release_memory(self) -> None:
+        self.backend.release_memory()
+
+    def resume(self) -> None:
+        self.backend.resume()
+
+    def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """Full-sequence logits from the backend (hf only), to check that a sync landed."""
+        if not hasattr(self.backend, "logits"):
+            raise KexaoneError(f"the {self.backend_name} backend does not expose logits")
+        return self.backend.logits(token_ids)
+
+    # -- collective (gloo/nccl) weight-sync receiver ---------------------------------------------
+    def sync_ranks(self) -> int:
+        """How many ranks this worker occupies in the weight-sync group (vLLM: one per TP rank)."""
+        return int(getattr(self.backend, "sync_ranks", lambda: 1)())
+
+    def join_weight_sync_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str
+    ) -> None:
+        if hasattr(self.backend, "join_weight_sync_group"):
+            self.backend.join_weight_sync_group(host, port, rank_offset, world_size, backend)
+            return
+        from kexaone_align.runtime.weight_sync import open_sync_group
+
+        self._group = open_sync_group(host, port, rank_offset, world_size, backend)
+
+    def receive_bucket(self, version: int, metas: list[Any]) -> int:
+        """Take part in one bucket broadcast, then load it (a stale version is refused after receiving)."""
+        if hasattr(self.backend, "receive_bucket"):
+            self.backend.receive_bucket(version, metas)
+            return len(metas)
+        from kexaone_align.runtime.weight_sync import receive_bucket
+
+        if self._group is None:
+            raise KexaoneError("receive_bucket called before join_weight_sync_group")
+        bucket = receive_bucket(self._group, metas, device=getattr(self.backend, "device", "cpu"))
+        self.backend.update_weights(version, bucket)
+        return len(bucket)
+
+
+def remote_rollout_worker(
+    backend: str, *, num_cpus: float = 1, num_gpus: float = 0, **backend_kwargs: Any
+) -> Any:
+    """Start a :class:`RolloutWorker` as a Ray actor (needs ``ray.init`` first)."""
+    import ray
+
+    actor_cls = ray.remote(RolloutWorker)
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(backend, **backend_kwargs)
