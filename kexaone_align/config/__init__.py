@@ -1,1 +1,72 @@
-"""Package."""
+"""Typed recipes: pydantic models of every section, YAML loading with dotted overrides, friendly errors.
+
+Entry points: ``load_recipe(path, overrides)`` -> ``Recipe``; ``explain(Recipe, "agapo.group_size")``;
+``recipe_to_yaml(recipe)``; ``load_pipeline_stages(pipeline_recipe)``.
+"""
+
+from kexaone_align.config.algorithms import (
+    AgapoConfig,
+    GrouperConfig,
+    GrouperRewardConfig,
+    JudgeConfig,
+    RewardComponent,
+    RewardGate,
+    SftConfig,
+    TaskReward,
+)
+from kexaone_align.config.infra import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    LearnersConfig,
+    LoggingConfig,
+    RolloutConfig,
+)
+from kexaone_align.config.loading import (
+    apply_overrides,
+    load_pipeline_stages,
+    load_recipe,
+    parse_override,
+    recipe_to_yaml,
+)
+from kexaone_align.config.model import ArchitectureConfig, ModelConfig, TokenizerConfig
+from kexaone_align.config.recipe import PipelineEntry, Recipe
+from kexaone_align.config.schema import FieldHelp, explain
+from kexaone_align.config.summary import recipe_summary
+
+
+def explain_key(path: str) -> FieldHelp:
+    """Description, type and default of a recipe key such as 'agapo.group_size'."""
+    return explain(Recipe, path)
+
+
+__all__ = [
+    "AgapoConfig",
+    "ArchitectureConfig",
+    "CheckpointConfig",
+    "ClusterConfig",
+    "DataConfig",
+    "FieldHelp",
+    "GrouperConfig",
+    "GrouperRewardConfig",
+    "JudgeConfig",
+    "LearnersConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "PipelineEntry",
+    "Recipe",
+    "RewardComponent",
+    "RewardGate",
+    "RolloutConfig",
+    "SftConfig",
+    "TaskReward",
+    "TokenizerConfig",
+    "apply_overrides",
+    "explain",
+    "explain_key",
+    "load_pipeline_stages",
+    "load_recipe",
+    "parse_override",
+    "recipe_summary",
+    "recipe_to_yaml",
+]

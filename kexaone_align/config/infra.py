@@ -1,0 +1,154 @@
+"""Sections describing where and how a stage runs: data, rollout, learners, cluster, checkpoints, logs."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from kexaone_align.config.base import Section
+
+
+class DataConfig(Section):
+    """Training / evaluation data: files, or a tiny task set generated offline."""
+
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="JSONL/Parquet files, `save_to_disk` directories or hub dataset names (relative paths "
+        "are resolved against the recipe file).",
+    )
+    eval_files: list[str] = Field(
+        default_factory=list, description="Held-out data, same forms as train_files."
+    )
+    generator: str | None = Field(
+        None, description="Name of an offline task generator (e.g. 'tiny_arithmetic') used instead of files."
+    )
+    generator_options: dict[str, int | float | bool | str] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the generator (e.g. answer_noise: 0.25).",
+    )
+    num_train: int = Field(512, ge=1, description="Rows the generator produces for training.")
+    num_eval: int = Field(64, ge=1, description="Held-out rows the generator produces.")
+    reasoning_fraction: float = Field(
+        0.5, ge=0, le=1, description="Fraction of generated rows in reasoning mode (<think> traces)."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of train data held out when no eval_files are given."
+    )
+    max_prompt_tokens: int = Field(512, ge=1, description="Prompts longer than this are dropped (RL stages).")
+    shuffle: bool = Field(True, description="Shuffle the data each epoch (seeded).")
+
+    @field_validator("generator")
+    @classmethod
+    def _generator_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"generator must be an identifier such as 'tiny_arithmetic', got {value!r}")
+        return value
+
+
+class RolloutConfig(Section):
+    """Rollout workers that sample responses (transformers on CPU/GPU, or vLLM on GPUs)."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="'hf' = transformers generate; 'vllm' = vLLM engine."
+    )
+    num_workers: int = Field(
+        1, ge=1, description="Rollout worker actors (each uses tensor_parallel_size GPUs)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (paper: 1.0).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold (paper: 0.95).")
+    top_k: int = Field(-1, ge=-1, description="Top-k sampling; -1 = off.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest sampled response.")
+    batch_size: int = Field(
+        32, ge=1, description="Sequences generated together per worker call (hf backend)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (tensor parallelism).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM's share of GPU memory.")
+    max_staleness: int = Field(
+        0, ge=0, description="How many policy versions a rollout may lag the learner (0 = on-policy)."
+    )
+    enable_thinking: bool | None = Field(
+        None, description="Force reasoning (True) or non-reasoning (False) mode; None = per prompt row."
+    )
+    mtp_speculative: bool = Field(False, description="vLLM only: MTP self-speculative decoding.")
+    weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of each weight-sync bucket in MiB.")
+
+
+class LearnersConfig(Section):
+    """DeepSpeed learner actors that own the trainable policy."""
+
+    num_learners: int = Field(
+        1, ge=1, description="Data-parallel learner actors (one GPU each on a cluster)."
+    )
+    zero_stage: Literal[2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 2 (shard grads+optimizer) or 3 (+params)."
+    )
+    micro_batch_tokens: int = Field(4096, ge=1, description="Token budget of one micro-batch (padded).")
+    grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clipping; None = off.")
+    lr_schedule: Literal["wsd", "cosine", "constant"] = Field(
+        "constant", description="wsd = warmup-stable-decay; cosine (with warmup); constant (with warmup)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    decay_fraction: float = Field(0.1, ge=0, le=1, description="wsd: fraction of steps spent decaying.")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final LR as a fraction of the peak (wsd/cosine)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: list[float] = Field(
+        default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2, description="AdamW betas."
+    )
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="torch.distributed backend.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, value: list[float]) -> list[float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas must lie in [0, 1), got {value}")
+        return value
+
+
+class ClusterConfig(Section):
+    """Ray cluster and how actors are placed on it."""
+
+    address: str | None = Field(
+        None, description="Ray address ('auto', 'ray://host:10001'); None = local ray.init()."
+    )
+    placement: Literal["colocated", "disaggregated"] = Field(
+        "colocated", description="colocated = learners and rollout share GPUs; disaggregated = separate GPUs."
+    )
+    nodes: int = Field(1, ge=1, description="Nodes in the cluster.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0 = CPU only).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved for each learner / rollout actor.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory of one GPU; lets `plan` warn when an estimate does not fit."
+    )
+
+
+class CheckpointConfig(Section):
+    """Trainer checkpoints (resume) and the exported Hugging Face checkpoint (next stage's input)."""
+
+    every_steps: int = Field(0, ge=0, description="Save every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    resume: str = Field(
+        "auto",
+        min_length=1,
+        description="'auto' = latest complete checkpoint in run_dir, 'never', or a path.",
+    )
+    export: bool = Field(
+        True, description="Write a Hugging Face checkpoint at the end (the next stage's input)."
+    )
+
+
+class LoggingConfig(Section):
+    """Where metrics go."""
+
+    jsonl: bool = Field(True, description="Write metrics.jsonl in run_dir.")
+    tensorboard: bool = Field(False, description="Write TensorBoard events in run_dir/tb.")
+    plots: bool = Field(True, description="Write PNG plots of the main curves at the end.")
+    progress_bar: bool = Field(True, description="Show a progress bar on the terminal.")
+    log_every_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
+    save_rollouts: bool = Field(True, description="Write sampled rollouts to run_dir/rollouts.jsonl.")
