@@ -1,0 +1,124 @@
+"""Token log-probabilities from final hidden states, without the full ``[tokens, vocab]`` logits.
+
+At K-EXAONE's vocabulary (153,600) the logits of a 16K-token sequence alone take 10 GB in fp32. Here
+the tokens are processed ``chunk_size`` at a time: each chunk's logits are formed, reduced to the
+target token's log-probability and the log-partition, and dropped. The backward pass recomputes each
+chunk's logits instead of storing them, so peak memory is ``chunk_size * vocab`` regardless of the
+sequence length, in the forward and the backward pass alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    # bf16/fp16 activations are reduced in fp32; fp64 (used by gradcheck) stays fp64.
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    logits = (hidden @ weight.t()).to(_compute_dtype(hidden))
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, temperature: float):
+        n_tokens = hidden.shape[0]
+        dtype = _compute_dtype(hidden)
+        out = torch.empty(n_tokens, dtype=dtype, device=hidden.device)
+        lse = torch.empty(n_tokens, dtype=dtype, device=hidden.device)
+        for start in range(0, n_tokens, chunk_size):
+            stop = min(start + chunk_size, n_tokens)
+            logits = _chunk_logits(hidden[start:stop], weight, temperature)
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse[start:stop] = chunk_lse
+            out[start:stop] = logits.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1) - chunk_lse
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk_size, temperature = ctx.chunk_size, ctx.temperature
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:stop]
+            # d logp(target) / d logits = onehot(target) - softmax(logits), times 1/temperature.
+            grad_logits = torch.exp(_chunk_logits(h, weight, temperature) - lse[start:stop].unsqueeze(1))
+            grad_logits.neg_()
+            rows = torch.arange(stop - start, device=grad_logits.device)
+            grad_logits[rows, targets[start:stop]] += 1.0
+            grad_logits.mul_((grad_out[start:stop].to(lse.dtype) / temperature).unsqueeze(1))
+            if need_h:
+                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_weight.add_(grad_logits.t() @ h.to(lse.dtype))
+            del grad_logits
+        if need_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> Tensor:
+    """``log softmax(hidden @ weight.T / temperature)[target]`` per token, in fp32, chunk by chunk.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (after the last norm), one per predicting position.
+        weight: ``[V, H]`` the LM head (unembedding) weight.
+        targets: ``[...]`` the token id each position predicts.
+        chunk_size: tokens per chunk; peak extra memory is about ``chunk_size * V * 4`` bytes.
+        temperature: divides the logits, as the rollout sampler did (1.0 for training).
+    Returns:
+        ``[...]`` float32 log-probabilities; differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not line up")
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != lm head width {weight.shape[-1]}")
+    lead_shape = targets.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    out = _ChunkedTokenLogprobs.apply(flat_hidden, weight, flat_targets, chunk_size, float(temperature))
+    return out.reshape(lead_shape)
+
+
+@torch.no_grad()
+def chunked_token_entropy(
+    hidden: Tensor, weight: Tensor, *, chunk_size: int = 1024, temperature: float = 1.0
+) -> Tensor:
+    """Entropy of the next-token distribution per position (a diagnostic; no gradient)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=_compute_dtype(hidden), device=hidden.device)
+    for start in range(0, flat.shape[0], chunk_size):
+        stop = min(start + chunk_size, flat.shape[0])
+        logp = torch.log_softmax(_chunk_logits(flat[start:stop], weight, temperature), dim=-1)
+        out[start:stop] = -(logp.exp() * logp).sum(dim=-1)
+    return out.reshape(hidden.shape[:-1])
+
+
+def naive_token_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """Reference implementation that materialises all logits (for tests and benchmarks only)."""
+    logits = _chunk_logits(hidden, weight, temperature)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
