@@ -1,0 +1,179 @@
+"""The transformers rollout backend: processed log-probs, stopping, determinism, batching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
+from kexaone_align.runtime.rollout.hf import HFRolloutBackend
+from kexaone_align.runtime.rollout.sampling import processed_logprobs
+from kexaone_align.runtime.rollout.tiny import save_tiny_exaone_moe, tiny_exaone_moe
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_exaone_moe(seed=0)
+
+
+@pytest.fixture(scope="module")
+def backend(model):
+    return HFRolloutBackend.from_model(model, max_batch_size=8)
+
+
+# prompts of different lengths (left padding) and longer than the sliding window (8)
+REQUESTS = [
+    RolloutRequest("short", [1, 17, 40], num_samples=2, metadata={"reasoning": False}),
+    RolloutRequest("long", [1, *range(100, 114)], num_samples=2, metadata={"reasoning": True}),
+    RolloutRequest("mid", [1, 5, 6, 7, 8, 9], num_samples=1),
+]
+
+
+def reference_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """An independent, loop-based nucleus implementation (sorted, cumulative, smallest set >= top_p)."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    out = torch.full_like(probs, float("-inf"))
+    for row in range(probs.shape[0]):
+        order = sorted(range(probs.shape[1]), key=lambda j: -probs[row, j].item())
+        kept, mass = [], 0.0
+        for j in order:
+            kept.append(j)
+            mass += probs[row, j].item()
+            if mass >= top_p:
+                break
+        total = sum(probs[row, j].item() for j in kept)
+        for j in kept:
+            out[row, j] = math.log(probs[row, j].item() / total)
+    return out
+
+
+def full_forward_logits(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """Logits that predict each response token, from one uncached, unpadded forward pass."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+
+
+def test_processed_logprobs_matches_reference_nucleus():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
+    for temperature, top_p in [(1.0, 0.95), (0.6, 0.5), (1.7, 0.9), (1.0, 0.01)]:
+        ours = processed_logprobs(logits, temperature, top_p)
+        ref = reference_logprobs(logits, temperature, top_p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        finite = torch.isfinite(ref)
+        assert torch.allclose(ours[finite].double(), ref[finite], atol=1e-5)
+        assert torch.allclose(ours.exp().sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.isfinite(processed_logprobs(logits, 1.0, 1.0)).all()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.95), (0.7, 0.8)])
+def test_logprobs_equal_full_forward_recomputation(model, backend, temperature, top_p):
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, top_p=top_p, seed=11)
+    samples = backend.generate(REQUESTS, sampling)
+    assert [(s.request_id, s.sample_index) for s in samples] == [
+        ("short", 0),
+        ("short", 1),
+        ("long", 0),
+        ("long", 1),
+        ("mid", 0),
+    ]
+    truncated = 0
+    for s in samples:
+        assert len(s.logprobs) == len(s.token_ids) > 0
+        ref = reference_logprobs(full_forward_logits(model, s.prompt_token_ids, s.token_ids), temperature, top_p)
+        truncated += int(torch.isinf(ref).any())
+        expected = ref[torch.arange(len(s.token_ids)), torch.tensor(s.token_ids)]
+        assert torch.isfinite(expected).all(), "a token outside the nucleus was sampled"
+        assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), expected, atol=1e-4)
+    assert truncated > 0, "top-p never removed a token; the test would not notice a missing filter"
+
+
+def test_plain_sampling_logprobs_equal_log_softmax(model, backend):
+    samples = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=5))
+    for s in samples:
+        logp = torch.log_softmax(full_forward_logits(model, s.prompt_token_ids, s.token_ids), dim=-1)
+        expected = logp[torch.arange(len(s.token_ids)), torch.tensor(s.token_ids)]
+        assert torch.allclose(torch.tensor(s.logprobs), expected, atol=1e-4)
+
+
+def test_stop_token_ends_sample_and_is_kept(backend):
+    free = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=10, seed=3, stop_token_ids=(511,)))
+    assert all(s.finish_reason == "length" and len(s.token_ids) == 10 for s in free if 511 not in s.token_ids)
+    stop_tok = free[2].token_ids[4]
+    stopped = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=10, seed=3, stop_token_ids=(stop_tok,)))
+    for a, b in zip(free, stopped, strict=True):
+        if stop_tok in a.token_ids:
+            cut = a.token_ids.index(stop_tok) + 1
+            assert b.finish_reason == "stop"
+            assert b.token_ids == a.token_ids[:cut] and b.token_ids[-1] == stop_tok
+            assert b.logprobs == pytest.approx(a.logprobs[:cut], abs=1e-5)
+        else:
+            assert b.finish_reason == "length" and b.token_ids == a.token_ids
+    assert stopped[2].finish_reason == "stop" and len(stopped[2].token_ids) <= 5
+
+
+def test_default_stop_is_models_eos(model):
+    be = HFRolloutBackend.from_model(model)
+    assert be.default_stop_token_ids == (model.config.eos_token_id,)
+
+
+def test_deterministic_given_seed_and_seed_matters(backend):
+    sampling = SamplingConfig(max_new_tokens=8, seed=21)
+    a = backend.generate(REQUESTS, sampling)
+    b = backend.generate(REQUESTS, sampling)
+    c = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=8, seed=22))
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    assert [s.logprobs for s in a] == [s.logprobs for s in b]
+    assert [s.token_ids for s in a] != [s.token_ids for s in c]
+    assert a[0].token_ids != a[1].token_ids, "samples of one group must differ"
+
+
+def test_batched_equals_unbatched(model, backend):
+    sampling = SamplingConfig(max_new_tokens=10, seed=8)
+    batched = backend.generate(REQUESTS, sampling)
+    single = HFRolloutBackend.from_model(model, max_batch_size=1)
+    one_by_one = [s for r in REQUESTS for s in single.generate([r], sampling)]
+    assert [s.token_ids for s in batched] == [s.token_ids for s in one_by_one]
+    for a, b in zip(batched, one_by_one, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_samples_carry_version_metadata_and_throughput(backend):
+    samples = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=6, seed=1))
+    assert {s.policy_version for s in samples} == {backend.policy_version}
+    assert samples[0].metadata == {"reasoning": False} and samples[2].metadata == {"reasoning": True}
+    m = backend.last_metrics
+    assert m["rollout/generated_tokens"] == sum(len(s.token_ids) for s in samples)
+    assert m["rollout/tokens_per_s"] > 0
+    print(f"hf rollout tiny model: {m['rollout/tokens_per_s']:.0f} tokens/s")
+
+
+def test_loads_from_saved_checkpoint(tmp_path, model):
+    path = save_tiny_exaone_moe(tmp_path / "tiny", seed=0)
+    loaded = HFRolloutBackend(path, max_batch_size=4)
+    ids = [[1, 2, 3, 4, 5, 6]]
+    assert torch.equal(loaded.logits(ids), HFRolloutBackend.from_model(model).logits(ids))
+    with pytest.raises(KexaoneError, match="does not exist"):
+        HFRolloutBackend(tmp_path / "missing")
+    with pytest.raises(KexaoneError, match="dtype"):
+        HFRolloutBackend(path, dtype="float64x")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"temperature": 0.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")],
+)
+def test_sampling_config_validation(kwargs, match):
+    with pytest.raises(KexaoneError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_requests_are_refused(backend):
+    with pytest.raises(KexaoneError, match="empty prompt"):
+        RolloutRequest("x", [])
+    with pytest.raises(KexaoneError, match="duplicate"):
+        backend.generate([RolloutRequest("a", [1]), RolloutRequest("a", [2])], SamplingConfig(max_new_tokens=1))
