@@ -81,17 +81,38 @@ def register_verifier(name: str, *, overwrite: bool = False) -> Callable[[Any], 
                 return FunctionVerifier(name, obj)
         else:
             raise TypeError(f"register_verifier({name!r}) expects a class or a function, got {obj!r}")
-        with _LOCK:
-            if name in _REGISTRY and not overwrite:
-                raise KexaoneError(f"a verifier named {name!r} is already registered")
-            _REGISTRY[name] = factory
+        _register_factory(name, factory, overwrite=overwrite)
         return obj
 
     return decorate
 
 
+def _register_factory(name: str, factory: Callable[[], Verifier], *, overwrite: bool = False) -> None:
+    """Add ``factory`` under ``name``; an entry-point placeholder may always be replaced by real code."""
+    if not isinstance(name, str) or not name:
+        raise KexaoneError(f"a verifier name must be a non-empty string, got {name!r}")
+    with _LOCK:
+        old = _REGISTRY.get(name)
+        if old is not None and not overwrite and not getattr(old, "entry_point_placeholder", False):
+            raise KexaoneError(f"a verifier named {name!r} is already registered")
+        _REGISTRY[name] = factory
+
+
+def _is_registered(name: str) -> bool:
+    with _LOCK:
+        return name in _REGISTRY
+
+
+def _discover_plugins() -> None:
+    # Imported here: loading.py imports this module.
+    from kexaone_align.verifiers.loading import discover_entry_points
+
+    discover_entry_points()
+
+
 def registered_names() -> list[str]:
-    """Names registered so far (built-ins are registered when ``kexaone_align.verifiers`` is imported)."""
+    """Registered names: built-ins, ``@register_verifier`` code, and installed entry-point plugins."""
+    _discover_plugins()
     with _LOCK:
         return sorted(_REGISTRY)
 
@@ -100,6 +121,10 @@ def get_verifier(name: str) -> Verifier:
     """Build the verifier registered under ``name``."""
     with _LOCK:
         factory = _REGISTRY.get(name)
+    if factory is None:
+        _discover_plugins()
+        with _LOCK:
+            factory = _REGISTRY.get(name)
     if factory is None:
         known = ", ".join(registered_names()) or "none"
         raise KexaoneError(f"no verifier named {name!r} is registered (known: {known})")

@@ -1,0 +1,133 @@
+"""Shared answer extraction: what part of a response is graded, and what its final answer is.
+
+Reasoning mode: only the text after the last ``</think>`` counts; a ``<think>`` that never closes means
+the model never answered, so there is nothing to grade. Every verifier goes through ``strip_reasoning``
+so the rule is the same for math, instruction following, format and choice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+# Anything longer than this is cut to its tail before regex work, so huge responses stay cheap.
+MAX_ANSWER_CHARS = 20_000
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS_RE = re.compile(
+    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is\s*:?|:|=)\s*([^\n]{1,400})",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Stripped:
+    """The gradable part of a response. ``answer`` is None when reasoning never closed."""
+
+    answer: str | None
+    reasoning: str | None
+    reason: str = ""
+
+
+def strip_reasoning(response: str, *, reasoning: bool | None = None) -> Stripped:
+    """Return the text after the last ``</think>``; an unclosed ``<think>`` gives no answer.
+
+    ``reasoning=True`` says the chat template opened the think block in the prompt, so a response
+    with no ``</think>`` at all is unfinished reasoning; ``None`` infers the mode from the tags.
+    """
+    if not isinstance(response, str):
+        return Stripped(None, None, f"response is {type(response).__name__}, not text")
+    close = response.rfind(THINK_CLOSE)
+    if close >= 0:
+        return Stripped(response[close + len(THINK_CLOSE) :].strip(), response[:close])
+    if THINK_OPEN in response:
+        return Stripped(None, response, "reasoning block <think> never closed")
+    if reasoning:
+        return Stripped(None, response, "reasoning mode but no </think> in the response")
+    return Stripped(response.strip(), None)
+
+
+def balanced_contents(text: str, open_at: int) -> str | None:
+    """Contents of the brace group whose ``{`` is at ``open_at`` (None when it never closes)."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+            continue
+        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
+            depth += 1
+        elif ch == "}" and (i == 0 or text[i - 1] != "\\"):
+            depth -= 1
+            if depth == 0:
+                return text[open_at + 1 : i]
+    return None
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}`` / ``\\fbox{...}`` in order (unclosed ones are skipped)."""
+    found = []
+    for m in _BOXED_RE.finditer(text):
+        inner = balanced_contents(text, m.end() - 1)
+        if inner is not None:
+            found.append(inner.strip())
+    return found
+
+
+def _clean_phrase(phrase: str) -> str:
+    phrase = phrase.strip()
+    for a, b in (("**", "**"), ("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if phrase.startswith(a) and phrase.endswith(b) and len(phrase) > len(a) + len(b):
+            phrase = phrase[len(a) : -len(b)].strip()
+    return phrase.rstrip(" .;,").strip()
+
+
+def answer_phrases(text: str) -> list[str]:
+    """Phrases after "the answer is" / "Answer:" / "final answer:" (one per occurrence)."""
+    out = []
+    for m in _ANSWER_IS_RE.finditer(text):
+        phrase = m.group(1)
+        # Keep the first sentence of the phrase: "3. Then ..." -> "3"
+        cut = re.search(r"\.\s+[A-Z]|\.$", phrase)
+        if cut:
+            phrase = phrase[: cut.start()]
+        phrase = _clean_phrase(phrase)
+        if phrase:
+            out.append(phrase)
+    return out
+
+
+def last_line(text: str) -> str:
+    """Last non-empty line, the weakest final-answer signal."""
+    for line in reversed(text.splitlines()):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def final_answers(text: str) -> tuple[list[str], str]:
+    """Candidate final answers and where they came from: ``boxed``, ``answer_is`` or ``last_line``.
+
+    Several candidates mean the response stated several final answers; the caller decides whether
+    they agree.
+    """
+    text = text[-MAX_ANSWER_CHARS:]
+    boxed = boxed_answers(text)
+    if boxed:
+        return boxed, "boxed"
+    phrases = answer_phrases(text)
+    if phrases:
+        return phrases, "answer_is"
+    line = last_line(text)
+    return ([line] if line else []), "last_line"
+
+
+def unique(items: list[str]) -> list[str]:
+    """Order-preserving de-duplication after whitespace normalisation."""
+    seen: dict[str, str] = {}
+    for item in items:
+        key = " ".join(item.split())
+        seen.setdefault(key, item)
+    return list(seen.values())

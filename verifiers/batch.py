@@ -1,0 +1,200 @@
+"""Batch scoring with bounded concurrency, a per-sample time limit and multi-task routing.
+
+A verifier that raises, hangs or returns garbage costs its own sample (reward 0, the reason in
+``details``, logged and counted) and never the caller. Python threads cannot be killed, so a sample
+that overruns is abandoned on a daemon thread: it no longer holds a concurrency slot or blocks exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kexaone_align.verifiers.api import Sample, Verifier, VerifyResult, registered_names
+from kexaone_align.verifiers.loading import resolve_verifier
+
+from kexaone_align.errors import KexaoneError
+
+logger = logging.getLogger(__name__)
+
+
+class TaskRouter:
+    """Picks the verifier for a sample by ``sample.task``, so one batch can mix tasks.
+
+    ``mapping`` maps task names to verifier references (registered name, ``module:attr``,
+    ``path.py:attr``) or verifier objects; with no mapping a task is routed to the verifier registered
+    under the same name. ``default`` grades tasks the mapping does not name; without it such samples
+    get reward 0 and are counted as unrouted.
+    """
+
+    name = "router"
+
+    def __init__(self, mapping: Mapping[str, Any] | None = None, default: Any = None) -> None:
+        self.mapping = dict(mapping) if mapping is not None else None
+        self.default = default
+        self._cache: dict[str, Verifier | None] = {}
+        self._lock = threading.Lock()
+
+    def _build(self, task: str) -> Verifier | None:
+        if self.mapping is not None:
+            ref = self.mapping.get(task, self.default)
+        elif task in registered_names():
+            ref = task
+        else:
+            ref = self.default
+        return None if ref is None else resolve_verifier(ref)
+
+    def route(self, sample: Sample) -> Verifier | None:
+        """The verifier for this sample's task, or None when no verifier handles it."""
+        task = sample.task
+        with self._lock:
+            if task in self._cache:
+                return self._cache[task]
+        verifier = self._build(str(task))
+        with self._lock:
+            self._cache.setdefault(task, verifier)
+            return self._cache[task]
+
+    def verify(self, sample: Sample) -> VerifyResult:
+        verifier = self.route(sample)
+        if verifier is None:
+            return VerifyResult(0.0, {"reason": f"no verifier for task {sample.task!r}", "unrouted": True})
+        return verifier.verify(sample)
+
+
+@dataclass
+class TaskStats:
+    """Per-task counters for a scored batch."""
+
+    count: int = 0
+    reward_sum: float = 0.0
+    errors: int = 0
+    timeouts: int = 0
+    unrouted: int = 0
+
+    @property
+    def mean_reward(self) -> float:
+        return self.reward_sum / self.count if self.count else 0.0
+
+
+@dataclass
+class BatchResult:
+    """One ``VerifyResult`` per input sample, in input order, plus failure counters."""
+
+    results: list[VerifyResult]
+    errors: int = 0
+    timeouts: int = 0
+    unrouted: int = 0
+    elapsed_s: float = 0.0
+    per_task: dict[str, TaskStats] = field(default_factory=dict)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [r.reward for r in self.results]
+
+
+def _run_one(verifier: Verifier | TaskRouter, sample: Sample) -> VerifyResult:
+    out: Any = verifier.verify(sample)
+    if isinstance(out, VerifyResult):
+        return out
+    if isinstance(out, int | float) and not isinstance(out, bool):
+        return VerifyResult(float(out), {})
+    raise TypeError(f"verifier returned {type(out).__name__}, expected VerifyResult")
+
+
+def _failure(kind: str, reason: str, sample: Sample, name: str) -> VerifyResult:
+    return VerifyResult(0.0, {"reason": reason, kind: True, "verifier": name, "task": sample.task})
+
+
+def score_batch(
+    samples: Sequence[Sample],
+    router_or_verifier: Verifier | TaskRouter | str,
+    *,
+    max_workers: int = 8,
+    timeout_s: float | None = 60.0,
+) -> BatchResult:
+    """Grade ``samples`` with at most ``max_workers`` running at once, each within ``timeout_s``.
+
+    Results keep input order. A raised exception, a bad return value or an overrun gives that sample
+    reward 0 with ``details['reason']`` and ``details['error'|'timeout']``; verifiers may also report
+    their own ``timeout``/``error`` in details, which is counted the same way.
+    """
+    if max_workers < 1:
+        raise KexaoneError(f"max_workers must be at least 1, got {max_workers}")
+    if timeout_s is not None and timeout_s <= 0:
+        raise KexaoneError(f"timeout_s must be positive, got {timeout_s}")
+    grader = router_or_verifier
+    if isinstance(grader, str):
+        grader = resolve_verifier(grader)
+    gname = getattr(grader, "name", type(grader).__name__)
+    start = time.monotonic()
+    results: list[VerifyResult | None] = [None] * len(samples)
+    done: queue.Queue[tuple[int, VerifyResult]] = queue.Queue()
+    running: dict[int, float] = {}  # index -> deadline
+
+    def work(i: int, sample: Sample) -> None:
+        try:
+            res = _run_one(grader, sample)
+        except Exception as exc:
+            logger.warning(
+                "verifier %s failed on sample %d (task %r): %s: %s",
+                gname,
+                i,
+                sample.task,
+                type(exc).__name__,
+                exc,
+            )
+            res = _failure("error", f"verifier raised {type(exc).__name__}: {exc}", sample, gname)
+        done.put((i, res))
+
+    pending = list(range(len(samples)))
+    pending.reverse()
+    while pending or running:
+        while pending and len(running) < max_workers:
+            i = pending.pop()
+            running[i] = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
+            threading.Thread(target=work, args=(i, samples[i]), daemon=True, name=f"verify-{i}").start()
+        wait = min(running.values()) - time.monotonic()
+        try:
+            i, res = done.get(timeout=None if wait == float("inf") else max(wait, 0.0))
+            if i in running:  # late answers from abandoned samples are dropped
+                del running[i]
+                results[i] = res
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        for i, deadline in list(running.items()):
+            if deadline <= now:
+                del running[i]
+                logger.warning(
+                    "verifier %s timed out on sample %d (task %r) after %ss",
+                    gname,
+                    i,
+                    samples[i].task,
+                    timeout_s,
+                )
+                results[i] = _failure(
+                    "timeout", f"verifier timed out after {timeout_s:g}s", samples[i], gname
+                )
+    final = [r for r in results if r is not None]
+    return _summarise(samples, final, time.monotonic() - start)
+
+
+def _summarise(samples: Sequence[Sample], results: list[VerifyResult], elapsed: float) -> BatchResult:
+    out = BatchResult(results=results, elapsed_s=elapsed)
+    for sample, res in zip(samples, results, strict=True):
+        stats = out.per_task.setdefault(str(sample.task), TaskStats())
+        stats.count += 1
+        stats.reward_sum += res.reward
+        stats.errors += bool(res.details.get("error"))
+        stats.timeouts += bool(res.details.get("timeout"))
+        stats.unrouted += bool(res.details.get("unrouted"))
+    out.errors = sum(s.errors for s in out.per_task.values())
+    out.timeouts = sum(s.timeouts for s in out.per_task.values())
+    out.unrouted = sum(s.unrouted for s in out.per_task.values())
+    return out

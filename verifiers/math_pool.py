@@ -1,0 +1,186 @@
+"""A small pool of math-verify worker processes, safe to call from any thread or Ray actor.
+
+math-verify bounds its own time with ``signal.alarm``, which only works on the main thread, and a
+pathological answer such as ``9^{9^{9^{9}}}`` can make sympy run (and allocate) for ever. Each request
+therefore goes to a reused child process; a request that overruns its deadline gets the child killed
+and replaced, and the caller gets ``WorkerTimeout``. Worker start-up time never counts against a
+request's deadline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_WORKER_SCRIPT = Path(__file__).with_name("_math_worker.py")
+
+
+class WorkerTimeout(Exception):
+    """The request ran past its deadline; the worker was killed."""
+
+
+class WorkerError(Exception):
+    """The worker died or answered something unreadable."""
+
+
+class _Worker:
+    def __init__(self, startup_timeout_s: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", "-u", str(_WORKER_SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        self._buf = b""
+        try:
+            hello = self._read_line(time.monotonic() + startup_timeout_s)
+        except BaseException:
+            self.kill()
+            raise
+        if not json.loads(hello).get("ready"):
+            self.kill()
+            raise WorkerError(f"math worker sent {hello[:200]!r} instead of a ready message")
+
+    def _read_line(self, deadline: float) -> str:
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerTimeout
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise WorkerError(f"math worker exited (status {self.proc.poll()})")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode("utf-8")
+
+    def request(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        try:
+            self.proc.stdin.write((json.dumps(payload) + "\n").encode("utf-8"))  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError) as exc:
+            raise WorkerError(f"math worker is gone: {exc}") from exc
+        return json.loads(self._read_line(time.monotonic() + timeout_s))
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        except Exception:
+            pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except Exception:
+                pass
+
+
+class MathWorkerPool:
+    """Up to ``max_workers`` live workers; callers beyond that wait for a free one."""
+
+    def __init__(self, max_workers: int | None = None, startup_timeout_s: float = 120.0) -> None:
+        self.max_workers = max_workers or min(8, max(2, os.cpu_count() or 2))
+        self.startup_timeout_s = startup_timeout_s
+        self._idle: list[_Worker] = []
+        self._live = 0
+        self._cond = threading.Condition()
+        self.stats = {"requests": 0, "timeouts": 0, "crashes": 0, "started": 0}
+
+    def _acquire(self) -> _Worker:
+        with self._cond:
+            while not self._idle and self._live >= self.max_workers:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._live += 1
+            self.stats["started"] += 1
+        try:
+            return _Worker(self.startup_timeout_s)
+        except BaseException:
+            with self._cond:
+                self._live -= 1
+                self._cond.notify()
+            raise
+
+    def _release(self, worker: _Worker, healthy: bool) -> None:
+        if not healthy:
+            worker.kill()
+        with self._cond:
+            if healthy:
+                self._idle.append(worker)
+            else:
+                self._live -= 1
+            self._cond.notify()
+
+    def call(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Run one request; raise ``WorkerTimeout`` past ``timeout_s`` seconds of work."""
+        worker = self._acquire()
+        healthy = False
+        try:
+            out = worker.request(payload, timeout_s)
+            healthy = True
+            return out
+        except WorkerTimeout:
+            with self._cond:
+                self.stats["timeouts"] += 1
+            raise
+        except (WorkerError, ValueError) as exc:
+            with self._cond:
+                self.stats["crashes"] += 1
+            raise WorkerError(str(exc)) from exc
+        finally:
+            with self._cond:
+                self.stats["requests"] += 1
+            self._release(worker, healthy)
+
+    def close(self) -> None:
+        """Stop idle workers (busy ones are stopped when their caller releases them)."""
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._live -= len(idle)
+        for worker in idle:
+            worker.kill()
+
+
+_DEFAULT: MathWorkerPool | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_pool() -> MathWorkerPool:
+    """The process-wide pool shared by every math verifier instance."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            size = int(os.environ.get("KEXAONE_MATH_WORKERS", "0")) or None
+            _DEFAULT = MathWorkerPool(max_workers=size)
+        return _DEFAULT
+
+
+def _forget_after_fork() -> None:
+    # A forked child must not talk to its parent's workers.
+    global _DEFAULT, _DEFAULT_LOCK
+    _DEFAULT = None
+    _DEFAULT_LOCK = threading.Lock()
+
+
+def _close_default() -> None:
+    if _DEFAULT is not None:
+        _DEFAULT.close()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(_close_default)
