@@ -50,6 +50,15 @@ def _check_source(path: str | Path) -> str:
     return str(Path(text).expanduser()) if looks_local else text
 
 
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing by its new transformers name, or the old one (the vllm extra pins <5.21)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_policy(
     path: str | Path,
     *,
@@ -69,7 +78,7 @@ def load_policy(
         raise KexaoneError(f"could not load a causal LM from {source!r}: {exc}") from exc
     model.to(device)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         model.config.use_cache = False  # the KV cache is useless (and warned about) while checkpointing
     return model
 
