@@ -50,29 +50,30 @@ def strip_reasoning(response: str, *, reasoning: bool | None = None) -> Stripped
     return Stripped(response.strip(), None)
 
 
-def balanced_contents(text: str, open_at: int) -> str | None:
-    """Contents of the brace group whose ``{`` is at ``open_at`` (None when it never closes)."""
-    depth = 0
-    for i in range(open_at, len(text)):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+def matching_braces(text: str) -> dict[int, int]:
+    """Position of each unescaped ``{`` -> its closing ``}``, in one linear pass (no quadratic rescans)."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    for i, ch in enumerate(text):
+        if ch not in "{}" or (i > 0 and text[i - 1] == "\\"):
             continue
-        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif ch == "}" and (i == 0 or text[i - 1] != "\\"):
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1 : i]
-    return None
+        if ch == "{":
+            stack.append(i)
+        elif stack:
+            pairs[stack.pop()] = i
+    return pairs
 
 
 def boxed_answers(text: str) -> list[str]:
     """Contents of every ``\\boxed{...}`` / ``\\fbox{...}`` in order (unclosed ones are skipped)."""
     found = []
+    pairs: dict[int, int] | None = None
     for m in _BOXED_RE.finditer(text):
-        inner = balanced_contents(text, m.end() - 1)
-        if inner is not None:
-            found.append(inner.strip())
+        if pairs is None:
+            pairs = matching_braces(text)
+        close = pairs.get(m.end() - 1)
+        if close is not None:
+            found.append(text[m.end() : close].strip())
     return found
 
 

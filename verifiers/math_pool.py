@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,38 @@ class WorkerError(Exception):
     """The worker died or answered something unreadable."""
 
 
+_SPAWNER: ThreadPoolExecutor | None = None
+_SPAWNER_LOCK = threading.Lock()
+
+
+def _popen_worker() -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-P", "-u", str(_WORKER_SCRIPT)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
+
+
+def _spawn() -> subprocess.Popen:
+    """Start a worker from one long-lived thread.
+
+    The worker asks the kernel to kill it when its parent goes (PR_SET_PDEATHSIG), and Linux ties that
+    to the *thread* that forked it; spawning from short-lived caller threads would kill the worker as
+    soon as that thread ended.
+    """
+    global _SPAWNER
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-worker-spawner")
+        spawner = _SPAWNER
+    return spawner.submit(_popen_worker).result()
+
+
 class _Worker:
     def __init__(self, startup_timeout_s: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-u", str(_WORKER_SCRIPT)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            close_fds=True,
-        )
+        self.proc = _spawn()
         self._buf = b""
         try:
             hello = self._read_line(time.monotonic() + startup_timeout_s)
@@ -172,9 +196,11 @@ def default_pool() -> MathWorkerPool:
 
 def _forget_after_fork() -> None:
     # A forked child must not talk to its parent's workers.
-    global _DEFAULT, _DEFAULT_LOCK
+    global _DEFAULT, _DEFAULT_LOCK, _SPAWNER, _SPAWNER_LOCK
     _DEFAULT = None
     _DEFAULT_LOCK = threading.Lock()
+    _SPAWNER = None
+    _SPAWNER_LOCK = threading.Lock()
 
 
 def _close_default() -> None:
