@@ -82,7 +82,7 @@ class TaskReward(Section):
     @model_validator(mode="after")
     def _positive_total(self) -> TaskReward:
         if sum(c.weight for c in self.components) <= 0:
-            raise ValueError("the component weights must sum to a positive number")
+            raise ValueError("components: the weights must sum to a positive number")
         return self
 
 
@@ -106,9 +106,9 @@ class JudgeConfig(Section):
     @model_validator(mode="after")
     def _check_backend(self) -> JudgeConfig:
         if self.backend == "openai" and not (self.base_url and self.model):
-            raise ValueError("the openai judge backend needs base_url and model")
+            raise ValueError("backend: 'openai' needs base_url and model")
         if self.backend == "local" and not self.model:
-            raise ValueError("the local judge backend needs model (a checkpoint path)")
+            raise ValueError("model: the 'local' judge backend needs a checkpoint path")
         return self
 
 
@@ -127,7 +127,7 @@ class GrouperRewardConfig(Section):
             c.source == "judge" and c.weight > 0 for t in self.per_task.values() for c in t.components
         )
         if uses_judge and self.judge.backend == "none":
-            raise ValueError("a reward component uses 'judge' but judge.backend is 'none'")
+            raise ValueError("judge.backend: a reward component uses 'judge' but judge.backend is 'none'")
         return self
 
 

@@ -8,6 +8,7 @@ recipes) are resolved against the recipe's directory so a recipe works from any 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from kexaone_align.errors import KexaoneError
 _TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict", "literal", "tuple"}
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
 MAX_ERRORS = 12
+# Cross-field validators name the key they blame as "key.path: message" (a validator cannot set `loc`).
+_KEYED_MESSAGE = re.compile(r"^(?:Value error, )?([A-Za-z_][\w.]*): (.*)$", re.S)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -99,7 +102,7 @@ def _describe(err: dict[str, Any], path: str) -> str:
     if "input" in err and kind not in ("model_type", "dict_type") and not kind.startswith("value_error"):
         value = err["input"]
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        msg = f"{msg} (got {shown}, a {type(value).__name__})"
+        msg = f"{msg} (got {shown}: {type(value).__name__})"
     return msg
 
 
@@ -111,6 +114,15 @@ def format_validation_error(
     out = [f"{source}: invalid recipe ({len(errors)} problem{'s' if len(errors) != 1 else ''}):"]
     for err in errors[:MAX_ERRORS]:
         path = _loc_path(err["loc"])
+        err = dict(err)
+        match = _KEYED_MESSAGE.match(err["msg"])
+        if match:
+            candidate = ".".join(p for p in (path, match.group(1)) if p)
+            try:
+                locate(Recipe, candidate)
+                path, err["msg"] = candidate, match.group(2)
+            except KexaoneError:
+                pass
         parts = tuple(path.split(".")) if path else ()
         where = ""
         if path in overridden or any(path.startswith(o + ".") for o in overridden):
@@ -131,9 +143,14 @@ def _resolve_relative(value: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path) -> list[str]:
-    """Make file references absolute; returns problems (missing files) as messages."""
+def _resolve_paths(raw: dict[str, Any], base: Path) -> tuple[list[str], list[str]]:
+    """Make file references absolute.
+
+    Returns (problems, warnings). A missing verifier file or stage recipe is a problem; a missing data
+    file only a warning, because a cluster recipe names files that exist on the cluster, not here.
+    """
     problems: list[str] = []
+    warnings: list[str] = []
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("train_files", "eval_files"):
@@ -148,7 +165,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> list[str]:
                 if Path(candidate).exists():
                     files[i] = candidate
                 elif looks_local:
-                    problems.append(f"  data.{key}.{i}: file not found: {candidate}")
+                    warnings.append(f"data.{key}.{i}: not found on this machine: {candidate}")
     verifiers = raw.get("verifiers")
     if isinstance(verifiers, dict):
         for task, ref in verifiers.items():
@@ -174,7 +191,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> list[str]:
                 if not Path(candidate).is_file():
                     problems.append(f"  pipeline.{i}.recipe: stage recipe not found: {candidate}")
                 entry["recipe"] = candidate
-    return problems
+    return problems, warnings
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -182,7 +199,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     raw, lines = read_yaml(path)
     raw, overridden = apply_overrides(raw, overrides)
-    problems = _resolve_paths(raw, path.resolve().parent)
+    problems, warnings = _resolve_paths(raw, path.resolve().parent)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -191,6 +208,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if problems:
         raise KexaoneError("\n".join([f"{path}: invalid recipe:", *problems]))
     recipe._source = path.resolve()
+    recipe._warnings = warnings
     return recipe
 
 
@@ -221,9 +239,9 @@ def load_pipeline_stages(recipe: Recipe) -> list[Recipe]:
             updates["model"] = recipe.model
             updates["tokenizer"] = recipe.tokenizer
         if updates:
-            source = stage.source_path
+            source, warnings = stage.source_path, stage.warnings
             stage = stage.model_copy(update=updates)
-            stage._source = source
+            stage._source, stage._warnings = source, warnings
         stages.append(stage)
     return stages
 

@@ -72,22 +72,22 @@ class ArchitectureConfig(Section):
     def _check_shape(self) -> ArchitectureConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_attention_heads: {self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})"
+                f"num_experts_per_tok: {self.num_experts_per_tok} exceeds num_experts ({self.num_experts})"
             )
         if self.num_experts % self.n_group or self.topk_group > self.n_group:
-            raise ValueError("num_experts must be divisible by n_group and topk_group <= n_group")
+            raise ValueError("n_group: num_experts must be divisible by n_group and topk_group <= n_group")
         if self.first_k_dense_replace > self.num_hidden_layers:
-            raise ValueError("first_k_dense_replace exceeds num_hidden_layers")
+            raise ValueError("first_k_dense_replace: exceeds num_hidden_layers")
         for name in ("layer_types", "mlp_layer_types"):
             value = getattr(self, name)
             if value is not None and len(value) != self.num_hidden_layers:
                 raise ValueError(
-                    f"{name} has {len(value)} entries but num_hidden_layers is {self.num_hidden_layers}"
+                    f"{name}: has {len(value)} entries but num_hidden_layers is {self.num_hidden_layers}"
                 )
         return self
 
@@ -164,9 +164,9 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _check_source(self) -> ModelConfig:
         if self.source == "pretrained" and not self.path:
-            raise ValueError("model.path is required when model.source is 'pretrained'")
+            raise ValueError("path: required when source is 'pretrained'")
         if self.source == "tiny" and self.architecture is None:
-            raise ValueError("model.architecture is required when model.source is 'tiny'")
+            raise ValueError("architecture: required when source is 'tiny'")
         return self
 
 

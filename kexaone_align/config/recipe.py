@@ -73,6 +73,7 @@ class Recipe(Section):
     seed: int = Field(0, ge=0, description="Seed for data order, sampling and init.")
 
     _source: Path | None = PrivateAttr(default=None)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("verifiers")
     @classmethod
@@ -91,24 +92,24 @@ class Recipe(Section):
         given = [s for s in ALGORITHM_STAGES if getattr(self, s) is not None]
         if self.stage == "pipeline":
             if not self.pipeline:
-                raise ValueError("a 'pipeline' recipe needs a non-empty `pipeline` list of stage recipes")
+                raise ValueError("pipeline: a 'pipeline' recipe needs a non-empty list of stage recipes")
             if given:
                 raise ValueError(
-                    f"a pipeline recipe cannot have an algorithm section ({', '.join(given)}); "
+                    f"{given[0]}: a pipeline recipe cannot have an algorithm section; "
                     "put it in the stage recipe"
                 )
             return self
         if self.pipeline is not None:
-            raise ValueError(f"`pipeline` is only allowed when stage is 'pipeline' (stage is {self.stage!r})")
+            raise ValueError(f"pipeline: only allowed when stage is 'pipeline' (stage is {self.stage!r})")
         others = [s for s in given if s != self.stage]
         if others:
-            raise ValueError(f"stage is {self.stage!r} but the recipe has a {others[0]!r} section")
+            raise ValueError(f"{others[0]}: section not allowed, stage is {self.stage!r}")
         if self.model is None:
-            raise ValueError("`model` section is required")
+            raise ValueError("model: section is required")
         if self.data is None:
-            raise ValueError("`data` section is required")
+            raise ValueError("data: section is required")
         if not self.data.train_files and self.data.generator is None:
-            raise ValueError("data needs train_files or a generator")
+            raise ValueError("data: needs train_files or a generator")
         if getattr(self, self.stage) is None:
             default = {"sft": SftConfig, "agapo": AgapoConfig, "grouper": GrouperConfig}[self.stage]()
             object.__setattr__(self, self.stage, default)
@@ -121,9 +122,9 @@ class Recipe(Section):
         c, r, learn = self.cluster, self.rollout, self.learners
         uses_rollout = self.stage != "sft"
         if learn.backend == "nccl" and c.gpus_per_node == 0:
-            raise ValueError("learners.backend 'nccl' needs GPUs (cluster.gpus_per_node is 0); use 'gloo'")
+            raise ValueError("learners.backend: 'nccl' needs GPUs (cluster.gpus_per_node is 0); use 'gloo'")
         if uses_rollout and r.backend == "vllm" and c.gpus_per_node == 0:
-            raise ValueError("rollout.backend 'vllm' needs GPUs (cluster.gpus_per_node is 0); use 'hf'")
+            raise ValueError("rollout.backend: 'vllm' needs GPUs (cluster.gpus_per_node is 0); use 'hf'")
         if c.gpus_per_node:
             total = c.nodes * c.gpus_per_node
             learner_gpus = learn.num_learners
@@ -135,26 +136,31 @@ class Recipe(Section):
             )
             if need > total:
                 raise ValueError(
-                    f"the layout needs {need} GPUs ({learner_gpus} learners, {rollout_gpus} rollout, "
+                    f"cluster: the layout needs {need} GPUs ({learner_gpus} learners, {rollout_gpus} rollout, "
                     f"{c.placement}) but cluster has {c.nodes} x {c.gpus_per_node} = {total}"
                 )
             if uses_rollout and r.tensor_parallel_size > c.gpus_per_node:
-                raise ValueError("rollout.tensor_parallel_size exceeds cluster.gpus_per_node")
+                raise ValueError("rollout.tensor_parallel_size: exceeds cluster.gpus_per_node")
         arch = self.model.architecture if self.model else None
         if arch is not None and uses_rollout:
             if arch.num_attention_heads % r.tensor_parallel_size:
                 raise ValueError(
-                    f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide "
+                    f"rollout.tensor_parallel_size: {r.tensor_parallel_size} must divide "
                     f"num_attention_heads ({arch.num_attention_heads})"
                 )
             if r.max_new_tokens > arch.max_position_embeddings:
-                raise ValueError("rollout.max_new_tokens exceeds model.architecture.max_position_embeddings")
+                raise ValueError("rollout.max_new_tokens: exceeds model.architecture.max_position_embeddings")
         return self
 
     @property
     def source_path(self) -> Path | None:
         """The YAML file this recipe was loaded from (None when built in code)."""
         return self._source
+
+    @property
+    def warnings(self) -> list[str]:
+        """Non-fatal findings of loading, e.g. data files that do not exist on this machine."""
+        return list(self._warnings)
 
     @property
     def algorithm(self) -> SftConfig | AgapoConfig | GrouperConfig:

@@ -68,4 +68,5 @@ def recipe_summary(recipe: Recipe) -> str:
     if recipe.verifiers:
         lines.append("verifiers: " + ", ".join(f"{t}={v}" for t, v in recipe.verifiers.items()))
     lines.append(f"run_dir:  {recipe.resolved_run_dir}")
+    lines.extend(f"warning:  {w}" for w in recipe.warnings)
     return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""The ``kexaone-align`` command: validate, explain, run, plan, verifiers, verify.
+
+User mistakes (``KexaoneError``, missing files, YAML errors, Ctrl-C) print ``error: ...`` and exit 2 with
+no traceback. Anything else is a bug: one line plus a hint to rerun with ``--debug`` (exit 1), or the
+full traceback under ``--debug``. Heavy imports (transformers, ray, the stages) happen inside handlers
+so ``validate`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+import yaml
+
+from kexaone_align.errors import KexaoneError
+
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+_PASSTHROUGH = ("verify", "verifiers")  # their arguments belong to kexaone_align.verifiers.commands
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from kexaone_align.config import explain_key, load_pipeline_stages, load_recipe, recipe_summary
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.explain:
+        print(explain_key(args.explain).render())
+        value = recipe
+        for part in args.explain.split("."):
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        shown = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        print(f"  value in this recipe: {json.dumps(shown)}")
+        return 0
+    print(recipe_summary(recipe))
+    if recipe.stage == "pipeline":
+        for stage in load_pipeline_stages(recipe):
+            print()
+            print(recipe_summary(stage))
+    print("ok: recipe is valid")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from kexaone_align.config import explain_key
+
+    print(explain_key(args.key).render())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kexaone_align.config import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = recipe.resolved_run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.resolved.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    print(f"run_dir: {run_dir} (resolved recipe written to recipe.resolved.yaml)")
+    try:
+        from kexaone_align.stages import run_recipe
+    except ImportError as exc:
+        raise KexaoneError(
+            f"stage {recipe.stage!r} cannot run: kexaone_align.stages.run_recipe is not available ({exc})"
+        ) from None
+    try:
+        result = run_recipe(recipe)
+    except NotImplementedError as exc:
+        detail = f": {exc}" if str(exc) else ""
+        raise KexaoneError(f"stage {recipe.stage!r} is not implemented yet{detail}") from None
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from kexaone_align.config import load_recipe
+    from kexaone_align.plan import format_plan, plan_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = plan_recipe(recipe)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def _passthrough(name: str, rest: list[str]) -> int:
+    """Hand `verify` / `verifiers` to the verifiers package, imported only now."""
+    try:
+        from kexaone_align.verifiers import commands
+    except ImportError as exc:
+        raise KexaoneError(
+            f"the '{name}' command needs kexaone_align.verifiers.commands, which could not be imported "
+            f"({exc})"
+        ) from None
+    sub = argparse.ArgumentParser(prog=f"kexaone-align {name}")
+    if name == "verify":
+        commands.add_verify_arguments(sub)
+        return int(commands.verify_command(sub.parse_args(rest)))
+    commands.add_verifiers_arguments(sub)
+    return int(commands.verifiers_command(sub.parse_args(rest)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks of unexpected errors")
+    parser = argparse.ArgumentParser(
+        prog="kexaone-align",
+        description="K-EXAONE post-training: SFT -> AGAPO -> GROUPER on the full MoE policy.",
+        parents=[common],
+    )
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides")
+
+    p = subs.add_parser("validate", parents=[common], help="check a recipe and print a summary")
+    recipe_args(p)
+    p.add_argument("--explain", metavar="KEY", help="describe one key (type, default, description)")
+    p.set_defaults(handler=_cmd_validate)
+
+    p = subs.add_parser("explain", parents=[common], help="describe a recipe key, e.g. agapo.group_size")
+    p.add_argument("key", help="dotted key path")
+    p.set_defaults(handler=_cmd_explain)
+
+    p = subs.add_parser("run", parents=[common], help="validate, then run the stage or pipeline")
+    recipe_args(p)
+    p.set_defaults(handler=_cmd_run)
+
+    p = subs.add_parser("plan", parents=[common], help="parameters and per-GPU memory on paper")
+    recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_plan)
+
+    # add_help=False: `verify --help` is answered by the verifiers package's own parser.
+    subs.add_parser("verifiers", parents=[common], add_help=False, help="list registered verifiers")
+    subs.add_parser("verify", parents=[common], add_help=False, help="score a rollouts JSONL file offline")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    debug = "--debug" in argv
+    try:
+        args, rest = parser.parse_known_args(argv)
+        debug = debug or bool(getattr(args, "debug", False))
+        if args.command in _PASSTHROUGH:
+            return _passthrough(args.command, [a for a in rest if a != "--debug"])
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return int(args.handler(args))
+    except KexaoneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)
+    except FileNotFoundError as exc:
+        print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except yaml.YAMLError as exc:
+        print(f"error: YAML: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:  # e.g. `kexaone-align plan ... | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        return 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+            print("hint: rerun with --debug for the full traceback", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

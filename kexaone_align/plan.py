@@ -1,0 +1,281 @@
+"""Parameters and per-GPU memory of a recipe, on paper (``kexaone-align plan``).
+
+The model is built on the meta device from ``model.architecture`` (or a local ``config.json``), so
+nothing is allocated and no network is needed. Parameter counts come from
+``kexaone_align.models.loading.count_parameters`` (active = all parameters minus the routed experts a
+token is not sent to: top-k of E per MoE layer).
+
+Memory formulas, per GPU, all in bytes (b_w = 2 for bf16 / 4 for fp32 training, DP = num_learners):
+  * weights:     ZeRO-2: P * b_w.   ZeRO-3: P * b_w / DP, plus the live (gathered) parameters of the largest
+                 single module (ZeRO-3 gathers a module's full tensors before using it).
+  * gradients:   P_train * b_w / DP (ZeRO-2 and 3 both partition gradients).
+  * optimizer:   Adam, P_train * (8 + 4 if bf16 else 8) / DP: two fp32 moments, plus an fp32 master copy
+                 when training in bf16. 0 on GPU when offload_optimizer is set.
+  * activations: memory-efficient attention (no seq^2 score matrix), b_a = b_w bytes per element, T =
+                 learners.micro_batch_tokens. Per token and layer the saved tensors are
+                   attention: 3h + 2*n_q*d + 2*n_kv*d   (norm in/out + residual, Q and attn output, K, V)
+                   dense MLP: h + 3*I                    (norm output, gate, up, act(gate)*up)
+                   MoE MLP:   h + E + k*(h + 3*I_e) + 3*I_e*S   (norm output, router logits, the k dispatched
+                              copies with their gate/up/product, and the S shared experts)
+                 without gradient checkpointing: T * b_a * sum over layers;
+                 with it: T * b_a * (L * h  [each layer's input]  +  the largest single layer  [recomputed]).
+                 Plus the log-prob head: min(T, 1024) * V * 4 * 2 (one fp32 logits chunk and its gradient).
+  * rollout:     weights P * b_r / TP (b_r = 2 for bf16, 4 for float32 model dtype). KV cache per sequence of
+                 S = data.max_prompt_tokens + rollout.max_new_tokens tokens:
+                   sum over layers of 2 * ceil(n_kv / TP) * d * b_r * (min(S, window) if sliding else S)
+                 times rollout.batch_size sequences in flight per worker.
+  * peak:        colocated: learner + rollout on the same GPU; disaggregated: the larger of the two.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from kexaone_align.config.recipe import Recipe
+from kexaone_align.errors import KexaoneError
+
+GIB = 1024**3
+LOGPROB_CHUNK = 1024
+
+
+def hf_config(recipe: Recipe) -> Any:
+    """The ``ExaoneMoeConfig`` of the recipe's model, with no network."""
+    from transformers import AutoConfig, ExaoneMoeConfig
+
+    model = recipe.model
+    if model is None:
+        raise KexaoneError("plan needs a model section")
+    if model.architecture is not None:
+        kwargs = model.architecture.to_hf_kwargs()
+        if "vocab_size" not in kwargs:
+            from kexaone_align.models.tokenizer import build_tokenizer
+
+            kwargs["vocab_size"] = len(build_tokenizer())
+        try:
+            return ExaoneMoeConfig(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise KexaoneError(f"model.architecture is not a valid ExaoneMoeConfig: {exc}") from None
+    path = Path(model.path or "")
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    raise KexaoneError(
+        f"plan cannot see the architecture of {model.path!r} without a network: add a model.architecture "
+        "section to the recipe, or point model.path at a local checkpoint directory"
+    )
+
+
+def _meta_model(config: Any) -> Any:
+    try:
+        from kexaone_align.models.loading import meta_model
+    except ImportError:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    return meta_model(config)
+
+
+def _counts(model: Any) -> dict[str, int]:
+    """total / active / embedding / routed_experts / router / per-layer and per-module maxima."""
+    try:
+        from kexaone_align.models.loading import count_parameters
+
+        c = count_parameters(model)
+        counts = {"total": c.total, "active": c.active, "embedding": c.embedding, "routed": c.routed_experts}
+    except ImportError:
+        counts = None
+    config = model.config
+    total = embedding = routed = router = 0
+    per_layer: dict[int, int] = {}
+    per_module: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        n = param.numel()
+        total += n
+        if name.endswith("embed_tokens.weight") or name.startswith("lm_head."):
+            embedding += n
+        if ".mlp.experts." in name:
+            routed += n
+        if ".mlp.gate." in name:
+            router += n
+        parts = name.split(".")
+        if "layers" in parts:
+            layer = int(parts[parts.index("layers") + 1])
+            per_layer[layer] = per_layer.get(layer, 0) + n
+        module = name.rsplit(".", 1)[0]  # experts keep E x ... tensors directly on the experts module
+        per_module[module] = per_module.get(module, 0) + n
+    if counts is None:
+        k, e = config.num_experts_per_tok, config.num_experts
+        counts = {
+            "total": total,
+            "active": total - routed + routed * k // e,
+            "embedding": embedding,
+            "routed": routed,
+        }
+    counts["router"] = router
+    counts["largest_layer"] = max(per_layer.values(), default=0)
+    counts["largest_module"] = max(per_module.values(), default=0)
+    return counts
+
+
+def _activation_bytes_per_token(config: Any, bytes_per_el: int) -> tuple[int, int, int]:
+    """(sum over layers, largest layer, checkpointed layer inputs) in bytes per token."""
+    h, d = (
+        config.hidden_size,
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+    )
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    attn = 3 * h + 2 * nq * d + 2 * nkv * d
+    dense = h + 3 * config.intermediate_size
+    ie, k, e, s = (
+        config.moe_intermediate_size,
+        config.num_experts_per_tok,
+        config.num_experts,
+        config.num_shared_experts,
+    )
+    moe = h + e + k * (h + 3 * ie) + 3 * ie * s
+    layers = [attn + (moe if kind == "sparse" else dense) for kind in config.mlp_layer_types]
+    return sum(layers) * bytes_per_el, max(layers) * bytes_per_el, len(layers) * h * bytes_per_el
+
+
+def _kv_bytes_per_sequence(config: Any, seq_len: int, tp: int, bytes_per_el: int) -> int:
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = math.ceil(config.num_key_value_heads / tp)
+    window = config.sliding_window
+    total = 0
+    for kind in config.layer_types:
+        tokens = min(seq_len, window) if (kind == "sliding_attention" and window) else seq_len
+        total += 2 * heads * d * bytes_per_el * tokens
+    return total
+
+
+def _gib(n: float) -> float:
+    return round(n / GIB, 3)
+
+
+def plan_recipe(recipe: Recipe) -> dict[str, Any]:
+    """Parameter counts and a per-GPU memory estimate for one stage (or each stage of a pipeline)."""
+    if recipe.stage == "pipeline":
+        from kexaone_align.config.loading import load_pipeline_stages
+
+        stages = [plan_recipe(stage) for stage in load_pipeline_stages(recipe)]
+        first = stages[0]
+        return {
+            "recipe": str(recipe.source_path),
+            "stage": "pipeline",
+            "total_params": first["total_params"],
+            "active_params": first["active_params"],
+            "per_gpu_memory_gib": first["per_gpu_memory_gib"],
+            "stages": stages,
+        }
+    config = hf_config(recipe)
+    model = _meta_model(config)
+    counts = _counts(model)
+    learn, roll, cluster = recipe.learners, recipe.rollout, recipe.cluster
+    dp = learn.num_learners
+    b_w = 2 if learn.precision == "bf16" else 4
+    trainable = counts["total"] - (counts["router"] if recipe.freeze_router else 0)
+
+    weights = counts["total"] * b_w
+    live = 0
+    if learn.zero_stage == 3:
+        weights = weights / dp
+        live = counts["largest_module"] * b_w
+    grads = trainable * b_w / dp
+    optim = 0.0 if learn.offload_optimizer else trainable * (12 if learn.precision == "bf16" else 8) / dp
+
+    tokens = learn.micro_batch_tokens
+    gc = bool(recipe.model and recipe.model.gradient_checkpointing)
+    all_layers, one_layer, inputs = _activation_bytes_per_token(config, b_w)
+    acts = tokens * (inputs + one_layer) if gc else tokens * all_layers
+    acts += min(tokens, LOGPROB_CHUNK) * config.vocab_size * 4 * 2
+    learner_total = weights + live + grads + optim + acts
+
+    memory: dict[str, float] = {
+        "weights": _gib(weights),
+        "zero3_live_params": _gib(live),
+        "gradients": _gib(grads),
+        "optimizer_states": _gib(optim),
+        "activations": _gib(acts),
+        "learner_total": _gib(learner_total),
+    }
+    rollout: dict[str, Any] = {}
+    rollout_total = 0.0
+    if recipe.stage != "sft":
+        tp = roll.tensor_parallel_size
+        b_r = 2 if (roll.backend == "vllm" or recipe.model.dtype == "bfloat16") else 4
+        seq_len = recipe.data.max_prompt_tokens + roll.max_new_tokens
+        kv_seq = _kv_bytes_per_sequence(config, seq_len, tp, b_r)
+        r_weights = counts["total"] * b_r / tp
+        kv = kv_seq * roll.batch_size
+        rollout_total = r_weights + kv
+        memory.update(rollout_weights=_gib(r_weights), kv_cache=_gib(kv), rollout_total=_gib(rollout_total))
+        rollout = {
+            "sequence_tokens": seq_len,
+            "kv_cache_per_sequence_mib": round(kv_seq / 1024**2, 3),
+            "sequences_in_flight_per_worker": roll.batch_size,
+            "tensor_parallel_size": tp,
+        }
+        if cluster.gpu_memory_gib:
+            free = cluster.gpu_memory_gib * GIB * roll.gpu_memory_utilization - r_weights
+            rollout["max_sequences_that_fit"] = max(0, int(free // kv_seq)) if kv_seq else None
+    colocated = cluster.placement == "colocated"
+    peak = learner_total + rollout_total if colocated else max(learner_total, rollout_total)
+    memory["peak"] = _gib(peak)
+    warnings = []
+    if cluster.gpu_memory_gib and peak > cluster.gpu_memory_gib * GIB:
+        warnings.append(f"peak {_gib(peak)} GiB exceeds cluster.gpu_memory_gib {cluster.gpu_memory_gib}")
+    return {
+        "recipe": str(recipe.source_path),
+        "stage": recipe.stage,
+        "total_params": counts["total"],
+        "active_params": counts["active"],
+        "embedding_params": counts["embedding"],
+        "routed_expert_params": counts["routed"],
+        "router_params": counts["router"],
+        "trainable_params": trainable,
+        "per_gpu_memory_gib": memory,
+        "layout": {
+            "placement": cluster.placement,
+            "num_learners": dp,
+            "zero_stage": learn.zero_stage,
+            "precision": learn.precision,
+            "micro_batch_tokens": tokens,
+            "gradient_checkpointing": gc,
+            "rollout_workers": roll.num_workers if recipe.stage != "sft" else 0,
+            "gpus": cluster.nodes * cluster.gpus_per_node,
+            "gpu_memory_gib": cluster.gpu_memory_gib,
+        },
+        "rollout": rollout,
+        "warnings": warnings,
+        "formulas": "see the module docstring of kexaone_align.plan",
+    }
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """Readable text of ``plan_recipe``'s result."""
+    if plan["stage"] == "pipeline":
+        return "\n\n".join(format_plan(stage) for stage in plan["stages"])
+    lay = plan["layout"]
+    lines = [
+        f"recipe: {plan['recipe']} (stage {plan['stage']})",
+        f"parameters: {_human(plan['total_params'])} total ({plan['total_params']:,}), "
+        f"{_human(plan['active_params'])} active ({plan['active_params']:,})",
+        f"  embedding + lm_head {_human(plan['embedding_params'])}, routed experts "
+        f"{_human(plan['routed_expert_params'])}, trainable {_human(plan['trainable_params'])}",
+        f"layout: {lay['num_learners']} learner(s) ZeRO-{lay['zero_stage']} {lay['precision']}, "
+        f"{lay['rollout_workers']} rollout worker(s), {lay['placement']}, {lay['gpus']} GPU(s)",
+        "per-GPU memory (GiB):",
+    ]
+    for key, value in plan["per_gpu_memory_gib"].items():
+        lines.append(f"  {key:<18} {value:>10.3f}")
+    for key, value in plan.get("rollout", {}).items():
+        lines.append(f"  rollout.{key}: {value}")
+    lines.extend(f"warning: {w}" for w in plan["warnings"])
+    return "\n".join(lines)
