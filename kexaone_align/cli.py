@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: YAML: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # e.g. `kexaone-align plan ... | head`
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        sys.stdout = open(os.devnull, "w")  # silence the flush at interpreter exit
         return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -136,8 +136,8 @@ class Recipe(Section):
             )
             if need > total:
                 raise ValueError(
-                    f"cluster: the layout needs {need} GPUs ({learner_gpus} learners, {rollout_gpus} rollout, "
-                    f"{c.placement}) but cluster has {c.nodes} x {c.gpus_per_node} = {total}"
+                    f"cluster: the layout needs {need} GPUs ({learner_gpus} learners, {rollout_gpus} "
+                    f"rollout, {c.placement}) but the cluster has {c.nodes} x {c.gpus_per_node} = {total}"
                 )
             if uses_rollout and r.tensor_parallel_size > c.gpus_per_node:
                 raise ValueError("rollout.tensor_parallel_size: exceeds cluster.gpus_per_node")
