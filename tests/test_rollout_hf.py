@@ -84,7 +84,9 @@ def test_logprobs_equal_full_forward_recomputation(model, backend, temperature, 
     truncated = 0
     for s in samples:
         assert len(s.logprobs) == len(s.token_ids) > 0
-        ref = reference_logprobs(full_forward_logits(model, s.prompt_token_ids, s.token_ids), temperature, top_p)
+        ref = reference_logprobs(
+            full_forward_logits(model, s.prompt_token_ids, s.token_ids), temperature, top_p
+        )
         truncated += int(torch.isinf(ref).any())
         expected = ref[torch.arange(len(s.token_ids)), torch.tensor(s.token_ids)]
         assert torch.isfinite(expected).all(), "a token outside the nucleus was sampled"
@@ -104,7 +106,9 @@ def test_stop_token_ends_sample_and_is_kept(backend):
     free = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=10, seed=3, stop_token_ids=(511,)))
     assert all(s.finish_reason == "length" and len(s.token_ids) == 10 for s in free if 511 not in s.token_ids)
     stop_tok = free[2].token_ids[4]
-    stopped = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=10, seed=3, stop_token_ids=(stop_tok,)))
+    stopped = backend.generate(
+        REQUESTS, SamplingConfig(max_new_tokens=10, seed=3, stop_token_ids=(stop_tok,))
+    )
     for a, b in zip(free, stopped, strict=True):
         if stop_tok in a.token_ids:
             cut = a.token_ids.index(stop_tok) + 1
@@ -157,7 +161,7 @@ def test_loads_from_saved_checkpoint(tmp_path, model):
     loaded = HFRolloutBackend(path, max_batch_size=4)
     ids = [[1, 2, 3, 4, 5, 6]]
     assert torch.equal(loaded.logits(ids), HFRolloutBackend.from_model(model).logits(ids))
-    with pytest.raises(KexaoneError, match="does not exist"):
+    with pytest.raises(KexaoneError, match="not found"):
         HFRolloutBackend(tmp_path / "missing")
     with pytest.raises(KexaoneError, match="dtype"):
         HFRolloutBackend(path, dtype="float64x")
@@ -176,4 +180,6 @@ def test_bad_requests_are_refused(backend):
     with pytest.raises(KexaoneError, match="empty prompt"):
         RolloutRequest("x", [])
     with pytest.raises(KexaoneError, match="duplicate"):
-        backend.generate([RolloutRequest("a", [1]), RolloutRequest("a", [2])], SamplingConfig(max_new_tokens=1))
+        backend.generate(
+            [RolloutRequest("a", [1]), RolloutRequest("a", [2])], SamplingConfig(max_new_tokens=1)
+        )

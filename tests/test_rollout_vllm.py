@@ -129,7 +129,10 @@ def test_request_output_conversion():
         ([CompletionOutput(0, [5], None, "stop"), completion(1, [5], [-1.0])], "no logprobs"),
         ([completion(0, [5], [-1.0], "abort"), completion(1, [5], [-1.0])], "abort"),
         ([completion(0, [5], [-1.0])], "expected 2"),
-        ([CompletionOutput(0, [5], [{6: Logprob(-1.0)}], "stop"), completion(1, [5], [-1.0])], "sampled token"),
+        (
+            [CompletionOutput(0, [5], [{6: Logprob(-1.0)}], "stop"), completion(1, [5], [-1.0])],
+            "sampled token",
+        ),
         ([CompletionOutput(0, [5, 6], [{5: Logprob(-1.0)}], "stop"), completion(1, [5], [-1.0])], "entries"),
     ],
 )

@@ -296,6 +296,26 @@ class WeightSync:
         return nbytes, ntensors, nbuckets
 
 
+class CheckpointWeightSource:
+    """A learner stand-in that streams a saved checkpoint's weights the way learners do.
+
+    Useful to (re)load rollout workers from a checkpoint (resume, GROUPER's initial policy) and in
+    tests; it yields full tensors in buckets exactly like ``state_dict_stream`` of the learner actor.
+    """
+
+    def __init__(self, model_path: str, dtype: str = "float32") -> None:
+        from kexaone_align.models.loading import load_policy
+
+        self.model = load_policy(model_path, dtype=dtype).eval()
+
+    def state_dict_stream(self, bucket_bytes: int) -> Iterator[Bucket]:
+        yield from bucketize(self.model.state_dict().items(), bucket_bytes)
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
+        return self.model(input_ids=torch.tensor(token_ids), use_cache=False).logits.float()
+
+
 def sync_from_learners(
     learners: Sequence[Any], sync: WeightSync, version: int, bucket_bytes: int
 ) -> SyncMetrics:

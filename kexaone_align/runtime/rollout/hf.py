@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from kexaone_align.errors import KexaoneError
+from kexaone_align.models.loading import load_policy
 from kexaone_align.runtime.rollout.base import (
     RolloutRequest,
     RolloutSample,
@@ -26,17 +27,6 @@ from kexaone_align.runtime.rollout.base import (
     expand_requests,
 )
 from kexaone_align.runtime.rollout.sampling import processed_logprobs, sample_seed
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Map a recipe dtype name to torch, with a clear error for typos."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise KexaoneError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def load_named_tensors(
@@ -72,10 +62,7 @@ class HFRolloutBackend:
         max_batch_size: int = 16,
         initial_version: int = 0,
     ) -> None:
-        path = Path(model_path)
-        if not path.exists():
-            raise KexaoneError(f"rollout model path {str(path)!r} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        model = load_policy(model_path, dtype=dtype)
         self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version)
 
     @classmethod
