@@ -55,10 +55,17 @@ def test_roundtrip_random_utf8(tok):
 
 
 def test_small_numbers_and_arithmetic_are_short(tok):
-    for n in (7, 42, 68, 100):
-        assert len(tok.encode(str(n), add_special_tokens=False)) <= 2, n
+    for n in range(200):  # the tiny tasks' operands and answers
+        assert len(tok.encode(str(n), add_special_tokens=False)) == 1, n
+        assert len(tok.encode(f" {n}", add_special_tokens=False)) == 1, n
     question = "What is 23 + 45? The answer is 68."
     assert len(tok.encode(question, add_special_tokens=False)) <= 14
+
+
+def test_newline_runs_encode_the_same_in_any_context(tok):
+    nn = tok.encode("\n\n", add_special_tokens=False)
+    assert len(nn) == 1
+    assert tok.encode("</think>\n\nThe answer", add_special_tokens=False)[1:2] == nn
 
 
 def test_skip_special_tokens_keeps_think_markup(tok):

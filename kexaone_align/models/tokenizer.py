@@ -28,7 +28,7 @@ The chat format reproduces the structure of K-EXAONE's published template (the E
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD_TOKEN = "[PAD]"
@@ -40,7 +40,7 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
 MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_result>", "</tool_result>")
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS)
 
-DEFAULT_VOCAB_SIZE = 1024
+DEFAULT_VOCAB_SIZE = 1536
 MODEL_MAX_LENGTH = 4096
 
 CHAT_TEMPLATE = r"""{#- K-EXAONE chat format, reimplemented for kexaone-align -#}
@@ -141,6 +141,8 @@ for i in range(10):
 if x > 0 and y < 0:
     return "mixed"
 {"name": "calculator", "arguments": {"expression": "12 * 7"}}
+Reply in lowercase letters only. End your reply with the word "done". Say thanks, then bye.
+Follow the instructions in the question: the format, the style and the length of the reply all matter.
 """
 
 _NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve hundred thousand".split()
@@ -154,6 +156,9 @@ def _arithmetic_lines() -> list[str]:
             lines.append(f"What is {a} + {b}? {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}.")
             lines.append(f"Compute {a} * {b}. We get {a} * {b} = {a * b}.")
             lines.append(f"{a} - {b} = {a - b}, and {a + b} / {b} is about {round((a + b) / b, 2)}.")
+    for n in range(200):  # every number up to 199 becomes a single token
+        lines.append(f"{n} + 1 = {n + 1}, {n} - 1 = {n - 1}, so {n} is between {n - 1} and {n + 1}.")
+        lines.append(f"{n}: the answer is \\boxed{{{n}}}. Reply done. The answer is \\boxed{{{n}}}.")
     for i, word in enumerate(_NUMBER_WORDS):
         lines.append(f"The number {word} is written as {i if i < 13 else 10 ** (i - 11)}.")
     return lines
@@ -170,7 +175,14 @@ def training_corpus() -> list[str]:
 def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Train the tiny byte-level BPE and wrap it with K-EXAONE's special tokens and chat template."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Newline runs are their own pre-tokens, so "\n\n" encodes the same at the end of a generation prompt
+    # as in the middle of a turn ("</think>\n\nThe"), and the SFT and inference token streams agree.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
