@@ -152,7 +152,7 @@ def _kv_bytes_per_sequence(config: Any, seq_len: int, tp: int, bytes_per_el: int
 
 
 def _gib(n: float) -> float:
-    return round(n / GIB, 3)
+    return round(n / GIB, 6)
 
 
 def plan_recipe(recipe: Recipe) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""`plan`: parameter counts on the meta device and the per-GPU memory estimate."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kexaone_align import cli
+from kexaone_align.config import load_recipe
+from kexaone_align.errors import KexaoneError
+from kexaone_align.plan import hf_config, plan_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny"
+BIG = ROOT / "recipes" / "k-exaone-236b"
+
+
+def analytic_counts(cfg) -> tuple[int, int]:
+    """Total and active parameters written out by hand from the EXAONE-MoE layer shapes."""
+    h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    e, k, ie, s = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.num_shared_experts
+    attn = h * nq * d + 2 * h * nkv * d + nq * d * h + 2 * d + 2 * h  # q,k,v,o + q/k norms + 2 layer norms
+    dense = 3 * h * cfg.intermediate_size
+    router, shared, routed = e * h, 3 * h * ie * s, e * 3 * h * ie
+    total = active = 2 * v * h + h  # embedding, untied lm_head, final norm
+    for kind in cfg.mlp_layer_types:
+        total += attn + (dense if kind == "dense" else router + shared + routed)
+        active += attn + (dense if kind == "dense" else router + shared + routed * k // e)
+    return total, active
+
+
+@pytest.mark.slow
+def test_plan_json_236b_subprocess() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kexaone_align", "plan", "recipes/k-exaone-236b/agapo.yaml", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert 234e9 < plan["total_params"] < 238e9  # "236B"
+    assert 22.5e9 < plan["active_params"] < 24e9  # "23B active"
+    expected = analytic_counts(hf_config(load_recipe(BIG / "agapo.yaml")))
+    assert (plan["total_params"], plan["active_params"]) == expected
+    mem = plan["per_gpu_memory_gib"]
+    for key in ("weights", "gradients", "optimizer_states", "activations", "kv_cache", "peak"):
+        assert mem[key] > 0
+    # ZeRO-3 over 128 learners: bf16 weights and grads are 2 bytes/param / 128 each.
+    assert mem["weights"] == pytest.approx(plan["total_params"] * 2 / 128 / 2**30, rel=1e-3)
+    assert mem["optimizer_states"] == pytest.approx(plan["trainable_params"] * 12 / 128 / 2**30, rel=1e-3)
+    assert mem["peak"] < 141  # the documented layout fits an H200-class GPU
+
+
+def test_plan_tiny_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["plan", str(TINY / "agapo.yaml"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert 1e6 < plan["total_params"] < 10e6
+    assert plan["active_params"] < plan["total_params"]
+    cfg = hf_config(load_recipe(TINY / "agapo.yaml"))
+    assert (plan["total_params"], plan["active_params"]) == analytic_counts(cfg)
+    assert plan["trainable_params"] == plan["total_params"] - plan["router_params"]  # router frozen in RL
+    assert set(plan["per_gpu_memory_gib"]) >= {
+        "weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "kv_cache",
+        "learner_total",
+        "rollout_total",
+        "peak",
+    }
+
+
+def test_plan_pipeline_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["plan", str(TINY / "pipeline.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("parameters:") == 3 and "stage sft" in out and "stage grouper" in out
+
+
+def test_zero_stage_and_data_parallel_split_memory() -> None:
+    base = ["learners.num_learners=1", "learners.precision=bf16"]
+    z2 = plan_recipe(load_recipe(TINY / "sft.yaml", [*base, "learners.zero_stage=2"]))["per_gpu_memory_gib"]
+    z3 = plan_recipe(load_recipe(TINY / "sft.yaml", [*base, "learners.zero_stage=3"]))["per_gpu_memory_gib"]
+    assert z2["weights"] == pytest.approx(z3["weights"], rel=1e-6)  # DP=1: nothing to shard
+    cluster = ["cluster.gpus_per_node=4", "learners.backend=nccl"]
+    z2 = plan_recipe(
+        load_recipe(TINY / "sft.yaml", [*cluster, "learners.num_learners=4", "learners.zero_stage=2"])
+    )
+    z3 = plan_recipe(
+        load_recipe(TINY / "sft.yaml", [*cluster, "learners.num_learners=4", "learners.zero_stage=3"])
+    )
+    m2, m3 = z2["per_gpu_memory_gib"], z3["per_gpu_memory_gib"]
+    assert m3["weights"] == pytest.approx(m2["weights"] / 4, rel=1e-2)
+    assert m3["optimizer_states"] == pytest.approx(m2["optimizer_states"], rel=1e-6)
+    assert m3["zero3_live_params"] > 0 == m2["zero3_live_params"]
+    fp32 = plan_recipe(load_recipe(TINY / "sft.yaml"))  # fp32: no master copy, 8 bytes/param of Adam state
+    assert fp32["per_gpu_memory_gib"]["optimizer_states"] == pytest.approx(
+        fp32["trainable_params"] * 8 / 2**30, abs=2e-3
+    )
+
+
+def test_gradient_checkpointing_reduces_activations() -> None:
+    off = plan_recipe(load_recipe(TINY / "sft.yaml", ["model.gradient_checkpointing=false"]))
+    on = plan_recipe(load_recipe(TINY / "sft.yaml", ["model.gradient_checkpointing=true"]))
+    assert on["per_gpu_memory_gib"]["activations"] < off["per_gpu_memory_gib"]["activations"]
+
+
+def test_kv_cache_caps_sliding_layers_and_splits_by_tp() -> None:
+    recipe = load_recipe(TINY / "agapo.yaml", ["data.max_prompt_tokens=100", "rollout.max_new_tokens=156"])
+    cfg = hf_config(recipe)
+    seq = 256
+    n_global = cfg.layer_types.count("full_attention")
+    n_sliding = cfg.num_hidden_layers - n_global
+    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K and V, fp32 tiny model
+    expected = per_token * (n_global * seq + n_sliding * min(seq, cfg.sliding_window))
+    plan = plan_recipe(recipe)
+    assert plan["rollout"]["kv_cache_per_sequence_mib"] == pytest.approx(expected / 2**20, abs=1e-3)
+    # Doubling the length doubles only the global layers' share.
+    longer = plan_recipe(
+        load_recipe(TINY / "agapo.yaml", ["data.max_prompt_tokens=100", "rollout.max_new_tokens=412"])
+    )
+    grown = per_token * n_global * seq
+    assert longer["rollout"]["kv_cache_per_sequence_mib"] == pytest.approx(
+        (expected + grown) / 2**20, abs=1e-3
+    )
+    big = load_recipe(BIG / "agapo.yaml")
+    tp8 = plan_recipe(big)["rollout"]["kv_cache_per_sequence_mib"]
+    tp4 = plan_recipe(load_recipe(BIG / "agapo.yaml", ["rollout.tensor_parallel_size=4"]))
+    assert tp4["rollout"]["kv_cache_per_sequence_mib"] == pytest.approx(2 * tp8)
+    assert math.isclose(
+        tp4["per_gpu_memory_gib"]["rollout_weights"],
+        2 * plan_recipe(big)["per_gpu_memory_gib"]["rollout_weights"],
+        rel_tol=1e-6,
+    )
+
+
+def test_plan_from_local_config_json(tmp_path: Path) -> None:
+    recipe = load_recipe(TINY / "agapo.yaml")
+    hf_config(recipe).save_pretrained(tmp_path)
+    local = load_recipe(
+        TINY / "agapo.yaml", ["model.source=pretrained", f"model.path={tmp_path}", "model.architecture=null"]
+    )
+    assert plan_recipe(local)["total_params"] == plan_recipe(recipe)["total_params"]
+
+
+def test_plan_without_architecture_offline_is_a_clear_error() -> None:
+    recipe = load_recipe(BIG / "agapo.yaml", ["model.architecture=null"])
+    with pytest.raises(KexaoneError, match=r"model\.architecture"):
+        plan_recipe(recipe)
