@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
 import torch
 
@@ -33,21 +32,16 @@ REQUESTS = [
 
 
 def reference_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """An independent, loop-based nucleus implementation (sorted, cumulative, smallest set >= top_p)."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    out = torch.full_like(probs, float("-inf"))
-    for row in range(probs.shape[0]):
-        order = sorted(range(probs.shape[1]), key=lambda j: -probs[row, j].item())
-        kept, mass = [], 0.0
-        for j in order:
-            kept.append(j)
-            mass += probs[row, j].item()
-            if mass >= top_p:
-                break
-        total = sum(probs[row, j].item() for j in kept)
-        for j in kept:
-            out[row, j] = math.log(probs[row, j].item() / total)
-    return out
+    """An independent float64 numpy nucleus: the smallest most-likely set whose mass reaches top_p."""
+    scaled = logits.double().numpy() / temperature
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.full_like(probs, -np.inf)
+    for row, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        out[row, keep] = np.log(p[keep] / p[keep].sum())
+    return torch.from_numpy(out)
 
 
 def full_forward_logits(model, prompt: list[int], response: list[int]) -> torch.Tensor:
