@@ -186,3 +186,36 @@ def test_naive_packing_leaks(model):
         ).logits
     assert _check_against_alone(model, rows, examples, naive) > 1e-3
     assert _check_against_alone(model, rows, examples, no_window) > 1e-3
+
+
+def test_packed_loss_equals_the_loss_of_samples_run_alone(model):
+    examples = _examples([9, 6, 11, 5, 8, 3], seed=4)
+    rows = pack_sequences(examples, max_tokens=24)
+    batch = collate_packed(rows)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in examples:
+            labels = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]])
+            labels[0, 0] = IGNORE_INDEX
+            n = int((labels[0, 1:] != IGNORE_INDEX).sum())
+            total += model(input_ids=torch.tensor([ids]), labels=labels).loss.item() * n
+            count += n
+        packed = model(**packed_forward_kwargs(batch, model.config), labels=batch["labels"])
+        # the same number through the shifted targets a custom learner would use
+        logp = torch.log_softmax(packed.logits.float(), dim=-1)
+        token_logp = logp.gather(-1, batch["target_ids"].unsqueeze(-1)).squeeze(-1)
+        shifted = -(token_logp * batch["target_mask"]).sum() / batch["target_mask"].sum()
+    assert int(batch["target_mask"].sum()) == count
+    assert packed.loss.item() == pytest.approx(total / count, abs=1e-5)
+    assert shifted.item() == pytest.approx(total / count, abs=1e-5)
+
+
+def test_forward_kwargs_for_flash_attention_rely_on_position_restarts():
+    from types import SimpleNamespace
+
+    rows = pack_sequences(_examples([3, 4]), max_tokens=8)
+    batch = collate_packed(rows)
+    config = SimpleNamespace(_attn_implementation="flash_attention_2", layer_types=["full_attention"])
+    kwargs = packed_forward_kwargs(batch, config)
+    assert "attention_mask" not in kwargs and kwargs["use_cache"] is False
+    assert kwargs["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
