@@ -283,3 +283,24 @@ def test_every_field_is_documented() -> None:
     for model in seen:
         for name, info in model.model_fields.items():
             assert info.description, f"{model.__name__}.{name} has no description"
+
+
+def test_schedule_steps_and_learner_settings() -> None:
+    from kexaone_align.config import learner_settings, schedule_steps
+
+    wsd = load_recipe(BIG / "sft.yaml")  # wsd, 50 warmup, decay over the last 10%
+    assert schedule_steps(wsd, 1050) == {"warmup_steps": 50, "stable_steps": 900, "decay_steps": 100}
+    cos = load_recipe(TINY / "sft.yaml")  # cosine, 10 warmup
+    assert schedule_steps(cos, 100) == {"warmup_steps": 10, "stable_steps": 0, "decay_steps": 90}
+    const = load_recipe(TINY / "agapo.yaml", ["learners.grad_clip=null"])
+    settings = learner_settings(const, 40)
+    assert settings["lr"] == const.agapo.lr and settings["freeze_router"] is True
+    assert settings["grad_clip"] == 0.0 and settings["decay_steps"] == 0
+    with pytest.raises(KexaoneError):
+        schedule_steps(const, 0)
+    try:
+        from kexaone_align.runtime.learner import LearnerConfig
+    except ImportError:  # the runtime is another module; the keys are what matters here
+        return
+    LearnerConfig(**learner_settings(wsd, 1050)).validate()
+    LearnerConfig(**settings).validate()

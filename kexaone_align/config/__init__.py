@@ -1,7 +1,8 @@
 """Typed recipes: pydantic models of every section, YAML loading with dotted overrides, friendly errors.
 
 Entry points: ``load_recipe(path, overrides)`` -> ``Recipe``; ``explain(Recipe, "agapo.group_size")``;
-``recipe_to_yaml(recipe)``; ``load_pipeline_stages(pipeline_recipe)``.
+``recipe_to_yaml(recipe)``; ``load_pipeline_stages(pipeline_recipe)``; ``learner_settings(recipe, steps)``
+(keyword arguments for the runtime's LearnerConfig).
 """
 
 from kexaone_align.config.algorithms import (
@@ -14,6 +15,7 @@ from kexaone_align.config.algorithms import (
     SftConfig,
     TaskReward,
 )
+from kexaone_align.config.derive import learner_settings, schedule_steps
 from kexaone_align.config.infra import (
     CheckpointConfig,
     ClusterConfig,
@@ -64,9 +66,11 @@ __all__ = [
     "apply_overrides",
     "explain",
     "explain_key",
+    "learner_settings",
     "load_pipeline_stages",
     "load_recipe",
     "parse_override",
     "recipe_summary",
     "recipe_to_yaml",
+    "schedule_steps",
 ]
