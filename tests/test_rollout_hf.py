@@ -96,22 +96,30 @@ def test_plain_sampling_logprobs_equal_log_softmax(model, backend):
         assert torch.allclose(torch.tensor(s.logprobs), expected, atol=1e-4)
 
 
+def first_stop(tokens: list[int], stops: set[int]) -> int | None:
+    return next((i for i, t in enumerate(tokens) if t in stops), None)
+
+
 def test_stop_token_ends_sample_and_is_kept(backend):
-    free = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=10, seed=3, stop_token_ids=(511,)))
-    assert all(s.finish_reason == "length" and len(s.token_ids) == 10 for s in free if 511 not in s.token_ids)
+    eos = set(backend.default_stop_token_ids)
+    free = backend.generate(REQUESTS, SamplingConfig(max_new_tokens=10, seed=3))
+    for s in free:  # without extra stop ids only eos stops a sample
+        cut = first_stop(s.token_ids, eos)
+        assert (s.finish_reason, len(s.token_ids)) == (("length", 10) if cut is None else ("stop", cut + 1))
     stop_tok = free[2].token_ids[4]
     stopped = backend.generate(
         REQUESTS, SamplingConfig(max_new_tokens=10, seed=3, stop_token_ids=(stop_tok,))
     )
     for a, b in zip(free, stopped, strict=True):
-        if stop_tok in a.token_ids:
-            cut = a.token_ids.index(stop_tok) + 1
-            assert b.finish_reason == "stop"
-            assert b.token_ids == a.token_ids[:cut] and b.token_ids[-1] == stop_tok
-            assert b.logprobs == pytest.approx(a.logprobs[:cut], abs=1e-5)
+        cut = first_stop(a.token_ids, eos | {stop_tok})
+        if cut is None:
+            assert b.finish_reason == a.finish_reason and b.token_ids == a.token_ids
         else:
-            assert b.finish_reason == "length" and b.token_ids == a.token_ids
+            assert b.finish_reason == "stop"
+            assert b.token_ids == a.token_ids[: cut + 1]
+            assert b.logprobs == pytest.approx(a.logprobs[: cut + 1], abs=1e-5)
     assert stopped[2].finish_reason == "stop" and len(stopped[2].token_ids) <= 5
+    assert stopped[2].token_ids[-1] == stop_tok, "the stop token is part of the sample"
 
 
 def test_default_stop_is_models_eos(model):

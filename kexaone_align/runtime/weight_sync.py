@@ -323,7 +323,11 @@ def sync_from_learners(
     the buckets that rank 0 yields; other ranks are expected to yield nothing."""
     if not learners:
         raise KexaoneError("sync_from_learners needs at least one learner")
-    streams = [learner.state_dict_stream.remote(bucket_bytes) for learner in learners]
+    # Backpressure: a learner may run at most two buckets ahead of the workers consuming them.
+    streams = [
+        learner.state_dict_stream.options(_generator_backpressure_num_objects=2).remote(bucket_bytes)
+        for learner in learners
+    ]
     metrics = sync.push(version, iter(streams[0]))
     import ray
 

@@ -106,7 +106,7 @@ class HFRolloutBackend:
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
         """Sample every request ``num_samples`` times; order follows the requests, then sample index."""
         rows = expand_requests(requests)
-        stop = set(sampling.stop_token_ids or self.default_stop_token_ids)
+        stop = set(self.default_stop_token_ids) | set(sampling.stop_token_ids)
         start = time.perf_counter()
         samples: list[RolloutSample] = []
         for lo in range(0, len(rows), self.max_batch_size):
@@ -135,6 +135,7 @@ class HFRolloutBackend:
         """Colocated mode: hand the accelerator back to the learners (no-op on CPU)."""
         if self.device.type != "cpu":
             self.model.to("cpu")
+            self._targets = self.model.state_dict()  # drop our references to the device copies
             torch.cuda.empty_cache()
 
     def resume(self) -> None:
