@@ -30,9 +30,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.explain:
         print(explain_key(args.explain).render())
-        value = recipe
+        value: object = recipe
         for part in args.explain.split("."):
-            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+            if isinstance(value, list):
+                value = value[int(part)] if part.isdigit() and int(part) < len(value) else None
+            elif isinstance(value, dict):
+                value = value.get(part)
+            else:
+                value = getattr(value, part, None)
         shown = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
         print(f"  value in this recipe: {json.dumps(shown)}")
         return 0
@@ -53,9 +58,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kexaone_align.config import load_recipe, recipe_to_yaml
+    from kexaone_align.config import load_recipe, recipe_summary, recipe_to_yaml
 
     recipe = load_recipe(args.recipe, args.overrides)
+    print(recipe_summary(recipe))
     run_dir = recipe.resolved_run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")

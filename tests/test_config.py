@@ -304,3 +304,16 @@ def test_schedule_steps_and_learner_settings() -> None:
         return
     LearnerConfig(**learner_settings(wsd, 1050)).validate()
     LearnerConfig(**settings).validate()
+
+
+def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    msg = error_of(write_recipe(tmp_path, "stage: sft\nseed: 1\nsft:\n  lr: 1.0\nseed: 2\n"))
+    assert "duplicate key 'seed' at line 5 (first defined at line 2)" in msg
+
+
+def test_overrides_inside_lists() -> None:
+    r = load_recipe(TINY / "pipeline.yaml", ["pipeline.0.overrides=[sft.max_steps=2]"])
+    assert r.pipeline[0].overrides == ["sft.max_steps=2"]
+    assert load_pipeline_stages(r)[0].sft.max_steps == 2
+    with pytest.raises(KexaoneError, match=r"list of 3 entries.*pipeline\.0\.recipe"):
+        load_recipe(TINY / "pipeline.yaml", ["pipeline.recipe=x.yaml"])

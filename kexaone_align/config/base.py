@@ -17,5 +17,4 @@ class Section(BaseModel):
         strict=True,
         validate_default=True,
         validate_assignment=True,
-        use_attribute_docstrings=False,
     )

@@ -51,24 +51,22 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> tuple[dict
             raise KexaoneError(f"override {text!r}: {exc}") from None
         node: Any = result
         parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-                continue
+        for i, part in enumerate(parts):
             if isinstance(node, list):
-                raise KexaoneError(f"override {text!r}: index {part} is out of range")
-            child = node.get(part)
-            if not isinstance(child, dict | list):
-                child = {}
-                node[part] = child
-            node = child
-        last = parts[-1]
-        if isinstance(node, list):
-            if not (last.isdigit() and int(last) < len(node)):
-                raise KexaoneError(f"override {text!r}: index {last} is out of range")
-            node[int(last)] = value
-        else:
-            node[last] = value
+                if not (part.isdigit() and int(part) < len(node)):
+                    where = ".".join(parts[:i])
+                    example = ".".join([where, "0", *parts[i + 1 :]])
+                    raise KexaoneError(
+                        f"override {text!r}: {where} is a list of {len(node)} entries; "
+                        f"give an index in range, e.g. {example}"
+                    )
+                part = int(part)  # list index
+            elif i < len(parts) - 1 and not isinstance(node.get(part), dict | list):
+                node[part] = {}
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
         touched.add(key)
     return result, touched
 
@@ -236,11 +234,15 @@ def load_pipeline_stages(recipe: Recipe) -> list[Recipe]:
         if not any(o.split("=", 1)[0].strip() == "run_dir" for o in entry.overrides):
             updates["run_dir"] = str(root / f"{i:02d}_{stage.stage}")
         if i == 0 and recipe.model is not None:
-            updates["model"] = recipe.model
-            updates["tokenizer"] = recipe.tokenizer
-        if updates:
+            updates["model"] = recipe.model.model_dump(mode="json")
+            updates["tokenizer"] = recipe.tokenizer.model_dump(mode="json")
+        if updates:  # re-validated: the pipeline's model must suit the stage's layout too
             source, warnings = stage.source_path, stage.warnings
-            stage = stage.model_copy(update=updates)
+            try:
+                stage = Recipe.model_validate({**stage.model_dump(mode="json"), **updates})
+            except ValidationError as exc:
+                where = f"{entry.recipe} (pipeline stage {i}, with the pipeline's model)"
+                raise KexaoneError(format_validation_error(exc, where, {}, set())) from None
             stage._source, stage._warnings = source, warnings
         stages.append(stage)
     return stages

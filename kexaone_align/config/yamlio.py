@@ -45,7 +45,12 @@ def _line_map(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...],
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*path, str(key_node.value))
-            out[key] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            if key in out:  # PyYAML would silently keep the last one
+                raise KexaoneError(
+                    f"duplicate key '{'.'.join(key)}' at line {line} (first defined at line {out[key]})"
+                )
+            out[key] = line
             _line_map(value_node, key, out)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
@@ -80,7 +85,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         raise KexaoneError(f"{path}: a recipe must be a mapping of sections, got a {type(data).__name__}")
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
-        _line_map(node, (), lines)
+        try:
+            _line_map(node, (), lines)
+        except KexaoneError as exc:
+            raise KexaoneError(f"{path}: {exc}") from None
     return data, lines
 
 
