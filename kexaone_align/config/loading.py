@@ -55,7 +55,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> tuple[dict
             if isinstance(node, list):
                 if not (part.isdigit() and int(part) < len(node)):
                     where = ".".join(parts[:i])
-                    example = ".".join([where, "0", *parts[i + 1 :]])
+                    rest = parts[i + 1 :] if part.isdigit() else parts[i:]
+                    example = ".".join([where, "0", *rest])
                     raise KexaoneError(
                         f"override {text!r}: {where} is a list of {len(node)} entries; "
                         f"give an index in range, e.g. {example}"
