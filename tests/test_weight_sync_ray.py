@@ -45,18 +45,26 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workers(ray_session, checkpoints):
     handles = [
-        remote_rollout_worker("hf", num_cpus=1, model_path=checkpoints[0], max_batch_size=4) for _ in range(2)
+        remote_rollout_worker("hf", num_cpus=0.5, model_path=checkpoints[0], max_batch_size=4)
+        for _ in range(2)
     ]
     ray.get([w.ping.remote() for w in handles])
     return handles
+
+
+@pytest.fixture(scope="module")
+def learner(ray_session, checkpoints):
+    """A learner stand-in actor holding the checkpoint-1 weights."""
+    handle = ray.remote(CheckpointWeightSource).options(num_cpus=0.5).remote(checkpoints[1])
+    yield handle
+    ray.kill(handle)
 
 
 def logits_of(workers):
     return ray.get([w.logits.remote(PROBE) for w in workers])
 
 
-def test_object_store_sync_from_learner_actor(workers, checkpoints):
-    learner = ray.remote(CheckpointWeightSource).options(num_cpus=1).remote(checkpoints[1])
+def test_object_store_sync_from_learner_actor(workers, learner, checkpoints):
     target = ray.get(learner.logits.remote(PROBE))
     assert not torch.allclose(logits_of(workers)[0], target)
 
@@ -86,7 +94,6 @@ def test_object_store_sync_from_learner_actor(workers, checkpoints):
     # a worker refuses a stale version even if a different sender pushes it
     with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
         ray.get(workers[1].update_weights.remote(1, []))
-    ray.kill(learner)
 
 
 def test_gloo_broadcast_sync(workers, checkpoints):
@@ -108,3 +115,30 @@ def test_gloo_broadcast_sync(workers, checkpoints):
     )
     with pytest.raises(KexaoneError, match="stale"):
         sync.push(version, bucketize(source.model.state_dict().items(), 256 * 1024))
+
+
+def test_collective_push_driven_from_a_learner_process(workers, learner):
+    """The realistic shape: the process holding the full tensors (a learner) is rank 0 of the group."""
+    version = ray.get(workers[0].ping.remote())["policy_version"] + 1
+    target = ray.get(learner.logits.remote(PROBE))
+    assert not torch.equal(logits_of(workers)[0], target), "workers must hold other weights before the push"
+    metrics = ray.get(learner.push_to.remote(workers, version, 1 << 20, "gloo"))
+    for got in logits_of(workers):
+        assert torch.equal(got, target)
+    assert metrics.version == version and metrics.num_workers == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL broadcast needs 2 GPUs (learner + worker)")
+def test_nccl_broadcast_sync(ray_session, checkpoints):  # pragma: no cover - GPU only
+    worker = remote_rollout_worker("hf", num_cpus=0.5, num_gpus=1, model_path=checkpoints[0], device="cuda")
+    learner = (
+        ray.remote(CheckpointWeightSource)
+        .options(num_cpus=0.5, num_gpus=1)
+        .remote(checkpoints[2], device="cuda")
+    )
+    metrics = ray.get(learner.push_to.remote([worker], 1, 1 << 22, "nccl"))
+    got, target = ray.get([worker.logits.remote(PROBE), learner.logits.remote(PROBE)])
+    assert torch.allclose(got, target, atol=1e-5)
+    assert ray.get(worker.ping.remote())["policy_version"] == 1
+    print(f"nccl sync: {metrics.gb_per_s:.2f} GB/s")

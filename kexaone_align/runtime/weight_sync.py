@@ -300,20 +300,32 @@ class CheckpointWeightSource:
     """A learner stand-in that streams a saved checkpoint's weights the way learners do.
 
     Useful to (re)load rollout workers from a checkpoint (resume, GROUPER's initial policy) and in
-    tests; it yields full tensors in buckets exactly like ``state_dict_stream`` of the learner actor.
+    tests: ``state_dict_stream`` yields full tensors in buckets like the learner actor's, and
+    :meth:`push_to` shows how a learner drives a collective (gloo/nccl) push from its own process.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32") -> None:
+    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu") -> None:
         from kexaone_align.models.loading import load_policy
 
-        self.model = load_policy(model_path, dtype=dtype).eval()
+        self.device = device
+        self.model = load_policy(model_path, dtype=dtype, device=device).eval()
+        self._syncs: dict[str, WeightSync] = {}
 
     def state_dict_stream(self, bucket_bytes: int) -> Iterator[Bucket]:
         yield from bucketize(self.model.state_dict().items(), bucket_bytes)
 
+    def push_to(
+        self, workers: Sequence[Any], version: int, bucket_bytes: int, transport: Transport
+    ) -> SyncMetrics:
+        """Push this process's weights to ``workers``; the side group is kept for later pushes."""
+        if transport not in self._syncs:
+            self._syncs[transport] = WeightSync(workers, transport=transport, device=self.device)
+        return self._syncs[transport].push(version, self.state_dict_stream(bucket_bytes))
+
     @torch.no_grad()
     def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
-        return self.model(input_ids=torch.tensor(token_ids), use_cache=False).logits.float()
+        ids = torch.tensor(token_ids, device=self.device)
+        return self.model(input_ids=ids, use_cache=False).logits.float().cpu()
 
 
 def sync_from_learners(
