@@ -14,6 +14,7 @@ from kexaone_align.models import (
     load_tokenizer,
     tiny_config,
 )
+from kexaone_align.models.loading import _check_source
 from kexaone_align.models.tokenizer import CHAT_TEMPLATE
 
 
@@ -107,8 +108,9 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
         load_policy(tmp_path / "nope")
     with pytest.raises(KexaoneError, match="not found"):
         load_tokenizer(tmp_path / "nope")
+    assert _check_source("LGAI-EXAONE/K-EXAONE-236B-A23B") == "LGAI-EXAONE/K-EXAONE-236B-A23B"  # hub name
     (tmp_path / "empty").mkdir()
-    with pytest.raises(KexaoneError, match="could not load"):
+    with pytest.raises(KexaoneError, match="cannot load"):
         load_policy(tmp_path / "empty")
 
 
@@ -116,16 +118,16 @@ def test_train_step_runs_in_seconds(ckpt):
     model, tok = load_policy(ckpt), load_tokenizer(ckpt)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    texts = ["What is 3 + 4? The answer is 7."] * 4
-    batch = tok(texts, return_tensors="pt")
-    start = time.perf_counter()
-    losses = []
-    for _ in range(3):
+    batch = tok(["What is 3 + 4? The answer is \\boxed{7}. " * 2] * 4, return_tensors="pt")  # 4 x 30 tokens
+    losses, times = [], []
+    for _ in range(4):
+        start = time.perf_counter()
         out = model(**batch, labels=batch["input_ids"])
         out.loss.backward()
         opt.step()
         opt.zero_grad()
+        times.append(time.perf_counter() - start)
         losses.append(out.loss.item())
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, f"3 train steps took {elapsed:.1f}s"
+    # ~0.2 s a step on 2 idle cores; the bound leaves room for a machine shared with other jobs.
+    assert sum(times[1:]) < 15, f"3 train steps took {sum(times[1:]):.1f}s"  # the first step warms up
     assert losses[-1] < losses[0]  # it learns

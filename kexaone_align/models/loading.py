@@ -42,12 +42,34 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _check_source(path: str | Path) -> str:
-    """Fail early, with a readable message, on a local path that does not exist."""
+    """A local directory, or a hub name ("org/model"); fail early on a local path that does not exist.
+
+    Anything that is not of the form ``org/name``, or whose first component is a local directory
+    (``checkpoints/tiny``), is taken as a local path, so a typo fails at once instead of after hub retries.
+    """
     text = str(path)
-    looks_local = isinstance(path, Path) or text.startswith((".", "/", "~")) or Path(text).exists()
-    if looks_local and not Path(text).expanduser().is_dir():
-        raise KexaoneError(f"checkpoint directory not found: {text}")
-    return str(Path(text).expanduser()) if looks_local else text
+    local = Path(text).expanduser()
+    parts = text.split("/")
+    hub_like = (
+        not isinstance(path, Path)
+        and len(parts) == 2
+        and all(parts)
+        and not text.startswith((".", "~"))
+        and not Path(parts[0]).is_dir()
+    )
+    if local.is_dir():
+        return str(local)
+    if hub_like:
+        return text
+    raise KexaoneError(f"checkpoint directory not found: {text}")
+
+
+def _describe(source: str) -> str:
+    return repr(source) if Path(source).is_dir() else f"{source!r} (not a local directory; tried the hub)"
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:
@@ -75,7 +97,7 @@ def load_policy(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise KexaoneError(f"could not load a causal LM from {source!r}: {exc}") from exc
+        raise KexaoneError(f"cannot load a causal LM from {_describe(source)}: {_first_line(exc)}") from exc
     model.to(device)
     if gradient_checkpointing:
         _enable_checkpointing(model)
@@ -89,7 +111,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise KexaoneError(f"could not load a tokenizer from {source!r}: {exc}") from exc
+        raise KexaoneError(f"cannot load a tokenizer from {_describe(source)}: {_first_line(exc)}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise KexaoneError(f"the tokenizer at {source!r} is not a fast (tokenizers-backed) tokenizer")
     if not tokenizer.chat_template:
@@ -128,6 +150,11 @@ class ParameterCount:
         )
 
 
+def _numel(param: torch.nn.Parameter) -> int:
+    """Full size, also for a DeepSpeed ZeRO-3 partitioned parameter (whose local ``numel()`` is 0)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def _is_routed_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
@@ -138,7 +165,7 @@ def count_parameters(model_or_config: PreTrainedModel | PretrainedConfig) -> Par
     config = model.config
     total = embedding = routed = 0
     for name, param in model.named_parameters():  # tied weights are yielded once
-        n = param.numel()
+        n = _numel(param)
         total += n
         if name.endswith("embed_tokens.weight") or name.startswith("lm_head."):
             embedding += n

@@ -55,7 +55,7 @@ def freeze_router(model: nn.Module) -> RouterFreezeReport:
         for pname, param in module.named_parameters(prefix=name, recurse=True):
             param.requires_grad_(False)
             report.parameter_names.append(pname)
-            report.num_parameters += param.numel()
+            report.num_parameters += int(getattr(param, "ds_numel", param.numel()))  # ZeRO-3 partitions
         report.buffer_names.extend(bname for bname, _ in module.named_buffers(prefix=name, recurse=True))
     if report.num_routers == 0:
         raise KexaoneError(

@@ -66,7 +66,13 @@ CHAT_TEMPLATE = r"""{#- K-EXAONE chat format, reimplemented for kexaone-align -#
 {%- if i == 0 and message.role != "system" and tools -%}
 {{- "<|system|>\n" ~ tool_listing(tools) ~ "<|endofturn|>\n" -}}
 {%- endif -%}
-{%- set text = message.content if message.content is string else "" -%}
+{%- if message.content is string -%}
+{%- set text = message.content -%}
+{%- elif message.content is iterable and message.content is not mapping -%}
+{%- set text = message.content | selectattr("type", "equalto", "text") | map(attribute="text") | join("") -%}
+{%- else -%}
+{%- set text = "" -%}
+{%- endif -%}
 {%- if message.role == "system" -%}
 {{- "<|system|>\n" ~ text -}}
 {%- if i == 0 and tools -%}{{- "\n\n" ~ tool_listing(tools) -}}{%- endif -%}
