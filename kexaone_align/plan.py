@@ -11,14 +11,16 @@ Memory formulas, per GPU, all in bytes (b_w = 2 for bf16 / 4 for fp32 training, 
   * gradients:   P_train * b_w / DP (ZeRO-2 and 3 both partition gradients).
   * optimizer:   Adam, P_train * (8 + 4 if bf16 else 8) / DP: two fp32 moments, plus an fp32 master copy
                  when training in bf16. 0 on GPU when offload_optimizer is set.
-  * activations: memory-efficient attention (no seq^2 score matrix), b_a = b_w bytes per element, T =
-                 learners.micro_batch_tokens. Per token and layer the saved tensors are
-                   attention: 3h + 2*n_q*d + 2*n_kv*d   (norm in/out + residual, Q and attn output, K, V)
-                   dense MLP: h + 3*I                    (norm output, gate, up, act(gate)*up)
-                   MoE MLP:   h + E + k*(h + 3*I_e) + 3*I_e*S   (norm output, router logits, the k dispatched
-                              copies with their gate/up/product, and the S shared experts)
-                 without gradient checkpointing: T * b_a * sum over layers;
-                 with it: T * b_a * (L * h  [each layer's input]  +  the largest single layer  [recomputed]).
+  * activations: memory-efficient attention (flash / sdpa without a materialised seq^2 mask), b_a = b_w,
+                 T = learners.micro_batch_tokens. Bytes per token and layer (q = n_q*d, kv = n_kv*d):
+                   norms:     (2h + q + kv) * (4 + b_a)      RMSNorm keeps an fp32 copy of its input
+                   attention: (h + 2q + 2kv) * b_a            proj input, Q, attention output, K, V
+                              + (2q + 2kv) * b_a on sliding layers (RoPE intermediates; global = NoPE)
+                   dense MLP: (h + 4I) * b_a                  input, gate, up, act(gate), product
+                   MoE MLP:   4h + 8E  +  k*(2h + 4I_e)*b_a  +  (h + 4*I_e*S)*b_a
+                              (fp32 router input/logits, the k routed copies, the S shared experts)
+                 without gradient checkpointing: T * (sum over layers + final norm h*(4+b_a));
+                 with it: T * (L*h*b_a  [each layer's input]  +  the largest single layer  [recomputed]).
                  Plus the log-prob head: min(T, 1024) * V * 4 * 2 (one fp32 logits chunk and its gradient).
   * rollout:     weights P * b_r / TP (b_r = 2 for bf16, 4 for float32 model dtype). KV cache per sequence of
                  S = data.max_prompt_tokens + rollout.max_new_tokens tokens:
@@ -120,24 +122,31 @@ def _counts(model: Any) -> dict[str, int]:
     return counts
 
 
-def _activation_bytes_per_token(config: Any, bytes_per_el: int) -> tuple[int, int, int]:
-    """(sum over layers, largest layer, checkpointed layer inputs) in bytes per token."""
-    h, d = (
-        config.hidden_size,
-        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+def _activation_bytes_per_token(config: Any, b: int) -> tuple[int, int, int]:
+    """(all layers + final norm, the largest layer, the checkpointed layer inputs) in bytes per token.
+
+    The per-layer terms follow what transformers' ExaoneMoe saves for backward (checked against
+    ``torch.autograd.graph.saved_tensors_hooks`` in tests/test_plan.py).
+    """
+    h = config.hidden_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    ie, k, e = config.moe_intermediate_size, config.num_experts_per_tok, config.num_experts
+    norms = (2 * h + q + kv) * (4 + b)  # RMSNorm keeps an fp32 copy of its input plus its output
+    attn = (h + 2 * q + 2 * kv) * b  # projection input, Q, attention output, K, V
+    rope = (2 * q + 2 * kv) * b  # rotary intermediates (sliding layers; global layers are NoPE)
+    dense = (h + 4 * config.intermediate_size) * b  # input, gate, up, act(gate), act(gate) * up
+    moe = (
+        h * 4 + 2 * e * 4  # router: fp32 input copy, logits and scores
+        + k * (2 * h + 4 * ie) * b  # each routed copy: input, gate/up, act, product, weighted output
+        + (h + 4 * ie * config.num_shared_experts) * b  # shared experts
     )
-    nq, nkv = config.num_attention_heads, config.num_key_value_heads
-    attn = 3 * h + 2 * nq * d + 2 * nkv * d
-    dense = h + 3 * config.intermediate_size
-    ie, k, e, s = (
-        config.moe_intermediate_size,
-        config.num_experts_per_tok,
-        config.num_experts,
-        config.num_shared_experts,
-    )
-    moe = h + e + k * (h + 3 * ie) + 3 * ie * s
-    layers = [attn + (moe if kind == "sparse" else dense) for kind in config.mlp_layer_types]
-    return sum(layers) * bytes_per_el, max(layers) * bytes_per_el, len(layers) * h * bytes_per_el
+    layers = []
+    for attn_kind, mlp_kind in zip(config.layer_types, config.mlp_layer_types, strict=True):
+        rotary = rope if (attn_kind == "sliding_attention" or not config.sliding_window) else 0
+        layers.append(norms + attn + rotary + (moe if mlp_kind == "sparse" else dense))
+    final_norm = h * (4 + b)
+    return sum(layers) + final_norm, max(layers), len(layers) * h * b
 
 
 def _kv_bytes_per_sequence(config: Any, seq_len: int, tp: int, bytes_per_el: int) -> int:

@@ -155,3 +155,47 @@ def test_plan_without_architecture_offline_is_a_clear_error() -> None:
     recipe = load_recipe(BIG / "agapo.yaml", ["model.architecture=null"])
     with pytest.raises(KexaoneError, match=r"model\.architecture"):
         plan_recipe(recipe)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_activation_formula_matches_saved_tensors(dtype: str) -> None:
+    """The activation estimate is within 15% of what autograd really saves for a small ExaoneMoe."""
+    import torch
+    from transformers import ExaoneMoeConfig, ExaoneMoeForCausalLM
+
+    from kexaone_align.plan import _activation_bytes_per_token
+
+    cfg = ExaoneMoeConfig(
+        vocab_size=512,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1024,
+        moe_intermediate_size=128,
+        num_experts=16,
+        num_experts_per_tok=4,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = ExaoneMoeForCausalLM(cfg).to(getattr(torch, dtype))
+    tokens = 256
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, 512, (1, tokens)))
+    measured = sum(saved.values()) / tokens
+    estimate, _, _ = _activation_bytes_per_token(cfg, 2 if dtype == "bfloat16" else 4)
+    assert estimate == pytest.approx(measured, rel=0.15)
