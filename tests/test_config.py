@@ -317,3 +317,21 @@ def test_overrides_inside_lists() -> None:
     assert load_pipeline_stages(r)[0].sft.max_steps == 2
     with pytest.raises(KexaoneError, match=r"list of 3 entries.*pipeline\.0\.recipe"):
         load_recipe(TINY / "pipeline.yaml", ["pipeline.recipe=x.yaml"])
+
+
+def test_start_from_checkpoint_chains_stages(tmp_path: Path) -> None:
+    from kexaone_align.config import start_from_checkpoint
+
+    agapo = load_recipe(TINY / "agapo.yaml")
+    chained = start_from_checkpoint(agapo, tmp_path / "export")
+    assert (chained.model.source, chained.model.path) == ("pretrained", str(tmp_path / "export"))
+    assert chained.tokenizer.source == "pretrained" and chained.tokenizer.path is None
+    assert chained.agapo == agapo.agapo and chained.source_path == agapo.source_path
+    assert agapo.model.source == "tiny"  # the original is untouched
+
+
+def test_tiny_recipe_architecture_matches_the_models_kit() -> None:
+    tiny = pytest.importorskip("kexaone_align.models.tiny")
+    arch = load_recipe(TINY / "sft.yaml").model.architecture.to_hf_kwargs()
+    for key, value in tiny.TINY_ARCHITECTURE.items():
+        assert arch.get(key) == (list(value) if isinstance(value, tuple) else value), key

@@ -30,6 +30,7 @@ from kexaone_align.config.loading import (
     load_recipe,
     parse_override,
     recipe_to_yaml,
+    start_from_checkpoint,
 )
 from kexaone_align.config.model import ArchitectureConfig, ModelConfig, TokenizerConfig
 from kexaone_align.config.recipe import PipelineEntry, Recipe
@@ -73,4 +74,5 @@ __all__ = [
     "recipe_summary",
     "recipe_to_yaml",
     "schedule_steps",
+    "start_from_checkpoint",
 ]

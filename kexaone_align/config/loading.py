@@ -249,6 +249,25 @@ def load_pipeline_stages(recipe: Recipe) -> list[Recipe]:
     return stages
 
 
+def start_from_checkpoint(recipe: Recipe, checkpoint_dir: str | Path) -> Recipe:
+    """A copy of a stage recipe whose policy (and tokenizer) load from an exported checkpoint.
+
+    This is how a pipeline chains stages: stage i+1 starts from stage i's Hugging Face export.
+    ``model.architecture`` is kept for ``plan``; the checkpoint's config.json is what loads.
+    """
+    if recipe.model is None:
+        raise KexaoneError("start_from_checkpoint needs a stage recipe with a model section")
+    data = recipe.model_dump(mode="json")
+    data["model"].update(source="pretrained", path=str(checkpoint_dir))
+    data["tokenizer"].update(source="pretrained", path=None)
+    try:
+        chained = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise KexaoneError(format_validation_error(exc, str(recipe.source_path), {}, set())) from None
+    chained._source, chained._warnings = recipe.source_path, recipe.warnings
+    return chained
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe (defaults filled in) as YAML, for recipe.resolved.yaml."""
     return dump_yaml(recipe.model_dump(mode="json"))
