@@ -61,6 +61,18 @@ def test_final_turn_keeps_reasoning_only_in_reasoning_mode(tok):
     assert "Greet back" not in with_r  # the earlier turn's reasoning is dropped in both modes
 
 
+def test_think_prefix_in_content_and_text_parts(tok):
+    conv = [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "9-8?"}]},
+        {"role": "assistant", "content": "<think>\n9 - 8 = 1\n</think>\n\nThe answer is \\boxed{1}."},
+    ]
+    ids, mask = tokenize_conversation(tok, conv, enable_thinking=True)
+    assert tok.decode(ids).startswith("<|user|>\nWhat is 9-8?<|endofturn|>\n")
+    assert _masked_spans(tok, ids, mask) == [
+        "<think>\n9 - 8 = 1\n</think>\n\nThe answer is \\boxed{1}.<|endofturn|>"
+    ]
+
+
 def test_unknown_role_is_rejected(tok):
     with pytest.raises(KexaoneError, match="role"):
         render_prompt(tok, [{"role": "narrator", "content": "x"}], True)

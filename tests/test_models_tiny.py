@@ -86,7 +86,9 @@ def test_round_trip_gives_identical_logits(ckpt):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_seed_changes_weights(tmp_path, ckpt):
+def test_seed_decides_weights(tmp_path, ckpt):
+    again = build_tiny_checkpoint(tmp_path / "s0", seed=0)
+    assert (again / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
     other = build_tiny_checkpoint(tmp_path / "s1", seed=1)
     w0 = load_policy(ckpt).model.layers[1].mlp.gate.weight
     w1 = load_policy(other).model.layers[1].mlp.gate.weight

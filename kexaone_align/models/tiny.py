@@ -78,7 +78,8 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Write a randomly initialised tiny K-EXAONE (model + tokenizer) that loads like a real checkpoint.
 
-    The weights depend only on ``seed`` (the global RNG state of the caller is left untouched).
+    ``architecture`` overrides entries of ``TINY_ARCHITECTURE``. The weights depend only on ``seed`` and the
+    architecture (the caller's global RNG state is left untouched). Returns ``out_dir``.
     """
     out = Path(out_dir)
     tokenizer = build_tokenizer()
