@@ -335,3 +335,19 @@ def test_tiny_recipe_architecture_matches_the_models_kit() -> None:
     arch = load_recipe(TINY / "sft.yaml").model.architecture.to_hf_kwargs()
     for key, value in tiny.TINY_ARCHITECTURE.items():
         assert arch.get(key) == (list(value) if isinstance(value, tuple) else value), key
+
+
+def test_data_files_resolve_against_the_recipe(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    data = agapo_recipe()
+    data["data"] = {
+        "train_files": ["data/train.jsonl", "org/hub-dataset"],
+        "eval_files": ["data/missing.jsonl"],
+    }
+    recipe = load_recipe(write_recipe(tmp_path, data))
+    assert recipe.data.train_files == [str(tmp_path / "data" / "train.jsonl"), "org/hub-dataset"]
+    assert recipe.data.eval_files == [str(tmp_path / "data" / "missing.jsonl")]
+    assert recipe.warnings == [
+        f"data.eval_files.0: not found on this machine: {tmp_path / 'data' / 'missing.jsonl'}"
+    ]

@@ -161,9 +161,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> tuple[list[str], list[str
                     continue
                 looks_local = item.startswith((".", "/", "~")) or item.endswith(_FILE_SUFFIXES)
                 candidate = _resolve_relative(item, base)
-                if Path(candidate).exists():
+                exists = Path(candidate).exists()
+                if exists or looks_local:  # anything else is taken for a hub dataset name
                     files[i] = candidate
-                elif looks_local:
+                if looks_local and not exists:
                     warnings.append(f"data.{key}.{i}: not found on this machine: {candidate}")
     verifiers = raw.get("verifiers")
     if isinstance(verifiers, dict):
