@@ -85,11 +85,15 @@ def load_policy(
     path: str | Path,
     *,
     dtype: str | torch.dtype = "float32",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM checkpoint for training: given dtype and device, optional gradient checkpointing."""
+    """Load a causal LM checkpoint for training: given dtype and device, optional gradient checkpointing.
+
+    ``device=None`` leaves placement alone; so does a model built inside DeepSpeed's ZeRO-3 ``zero.Init``
+    (its parameters are shards that DeepSpeed places and must not be moved).
+    """
     source = _check_source(path)
     kwargs: dict = {"dtype": _resolve_dtype(dtype)}
     if attn_implementation is not None:
@@ -98,7 +102,8 @@ def load_policy(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise KexaoneError(f"cannot load a causal LM from {_describe(source)}: {_first_line(exc)}") from exc
-    model.to(device)
+    if device is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):
+        model.to(device)
     if gradient_checkpointing:
         _enable_checkpointing(model)
         model.config.use_cache = False  # the KV cache is useless (and warned about) while checkpointing
