@@ -81,45 +81,47 @@ def _meta_model(config: Any) -> Any:
 
 
 def _counts(model: Any) -> dict[str, int]:
-    """total / active / embedding / routed_experts / router / per-layer and per-module maxima."""
-    try:
-        from kexaone_align.models.loading import count_parameters
+    """total / active / embedding / routed / router parameters and the largest single module.
 
-        c = count_parameters(model)
-        counts = {"total": c.total, "active": c.active, "embedding": c.embedding, "routed": c.routed_experts}
-    except ImportError:
-        counts = None
-    config = model.config
+    total and active come from the models package's ``count_parameters`` when it is importable (one
+    definition of "active" for the whole project); the walk below is the fallback and also finds what
+    only the memory estimate needs (router size, largest module gathered at once under ZeRO-3).
+    """
     total = embedding = routed = router = 0
-    per_layer: dict[int, int] = {}
     per_module: dict[str, int] = {}
     for name, param in model.named_parameters():
         n = param.numel()
         total += n
         if name.endswith("embed_tokens.weight") or name.startswith("lm_head."):
             embedding += n
-        if ".mlp.experts." in name:
+        if ".mlp.experts." in name:  # routed experts: E x ... tensors on the experts module
             routed += n
-        if ".mlp.gate." in name:
+        if ".mlp.gate." in name:  # the MoE router
             router += n
-        parts = name.split(".")
-        if "layers" in parts:
-            layer = int(parts[parts.index("layers") + 1])
-            per_layer[layer] = per_layer.get(layer, 0) + n
-        module = name.rsplit(".", 1)[0]  # experts keep E x ... tensors directly on the experts module
+        module = name.rsplit(".", 1)[0]
         per_module[module] = per_module.get(module, 0) + n
-    if counts is None:
-        k, e = config.num_experts_per_tok, config.num_experts
-        counts = {
-            "total": total,
-            "active": total - routed + routed * k // e,
-            "embedding": embedding,
-            "routed": routed,
-        }
-    counts["router"] = router
-    counts["largest_layer"] = max(per_layer.values(), default=0)
-    counts["largest_module"] = max(per_module.values(), default=0)
-    return counts
+    config = model.config
+    active = total - routed + routed * config.num_experts_per_tok // config.num_experts
+    try:
+        from kexaone_align.models.loading import count_parameters
+    except ImportError:
+        pass
+    else:
+        counted = count_parameters(model)
+        total, active, embedding, routed = (
+            counted.total,
+            counted.active,
+            counted.embedding,
+            counted.routed_experts,
+        )
+    return {
+        "total": total,
+        "active": active,
+        "embedding": embedding,
+        "routed": routed,
+        "router": router,
+        "largest_module": max(per_module.values(), default=0),
+    }
 
 
 def _activation_bytes_per_token(config: Any, b: int) -> tuple[int, int, int]:
@@ -137,7 +139,8 @@ def _activation_bytes_per_token(config: Any, b: int) -> tuple[int, int, int]:
     rope = (2 * q + 2 * kv) * b  # rotary intermediates (sliding layers; global layers are NoPE)
     dense = (h + 4 * config.intermediate_size) * b  # input, gate, up, act(gate), act(gate) * up
     moe = (
-        h * 4 + 2 * e * 4  # router: fp32 input copy, logits and scores
+        h * 4
+        + 2 * e * 4  # router: fp32 input copy, logits and scores
         + k * (2 * h + 4 * ie) * b  # each routed copy: input, gate/up, act, product, weighted output
         + (h + 4 * ie * config.num_shared_experts) * b  # shared experts
     )
