@@ -130,6 +130,6 @@ def test_train_step_runs_in_seconds(ckpt):
         opt.zero_grad()
         times.append(time.perf_counter() - start)
         losses.append(out.loss.item())
-    # ~0.2 s a step on 2 idle cores; the bound leaves room for a machine shared with other jobs.
+    # 0.6-1.4 s a step measured on 2 cores shared with other jobs (load ~5); the bound leaves headroom.
     assert sum(times[1:]) < 15, f"3 train steps took {sum(times[1:]):.1f}s"  # the first step warms up
     assert losses[-1] < losses[0]  # it learns
