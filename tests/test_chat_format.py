@@ -128,6 +128,9 @@ def test_tool_calling_conversation(tok):
     assert spans[1] == "<think>\n\n</think>\n\nIt is 5.<|endofturn|>"
     prompt = render_prompt(tok, conv[:3], enable_thinking=True, tools=tools)
     assert ids[: len(prompt)] == prompt
+    # OpenAI-style calls carry the arguments as a JSON string; they render the same.
+    conv[1]["tool_calls"][0]["function"]["arguments"] = '{"a": 2, "b": 3}'
+    assert tokenize_conversation(tok, conv, enable_thinking=True, tools=tools)[0] == ids
 
 
 def test_bad_conversations_raise(tok):

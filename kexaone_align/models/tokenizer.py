@@ -100,7 +100,8 @@ CHAT_TEMPLATE = r"""{#- K-EXAONE chat format, reimplemented for kexaone-align -#
 {%- for call in message.tool_calls -%}
 {%- set fn = call.function if call.function is defined else call -%}
 {%- if answer or not loop.first -%}{{- "\n" -}}{%- endif -%}
-{{- "<tool_call>" ~ ({"name": fn.name, "arguments": fn.arguments} | tojson) ~ "</tool_call>" -}}
+{%- set args = fn.arguments if fn.arguments is string else (fn.arguments | tojson) -%}
+{{- "<tool_call>{\"name\": " ~ (fn.name | tojson) ~ ", \"arguments\": " ~ args ~ "}</tool_call>" -}}
 {%- endfor -%}
 {%- endif -%}
 {{- "<|endofturn|>\n" -}}
