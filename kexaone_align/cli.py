@@ -9,19 +9,65 @@ so ``validate`` stays fast.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
 from kexaone_align.errors import KexaoneError
 
+if TYPE_CHECKING:
+    from kexaone_align.config import Recipe
+
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
 _PASSTHROUGH = ("verify", "verifiers")  # their arguments belong to kexaone_align.verifiers.commands
+
+
+def verifier_warnings(recipe: Recipe) -> list[str]:
+    """Verifier references that will not resolve at run time (checked without running user code).
+
+    Registered names are looked up in the registry; ``module:attr`` references must name an importable
+    module; file references were already checked when the recipe loaded.
+    """
+    refs = dict(recipe.verifiers)
+    if recipe.grouper is not None:
+        for task, combo in recipe.grouper.reward.per_task.items():
+            for c in combo.components:
+                if c.source != "judge" and c.source not in refs:
+                    refs[f"grouper.reward.per_task.{task}:{c.source}"] = c.source
+            for g in combo.gates:
+                if g.verifier not in refs:
+                    refs[f"grouper.reward.per_task.{task}:{g.verifier}"] = g.verifier
+    if not refs:
+        return []
+    try:
+        from kexaone_align.verifiers import registered_names
+    except ImportError as exc:
+        return [f"verifiers: cannot check references, kexaone_align.verifiers is not importable ({exc})"]
+    names = set(registered_names())
+    out = []
+    for task, ref in refs.items():
+        where = task if task.startswith("grouper.") else f"verifiers.{task}"
+        if ":" not in ref:
+            if ref not in names:
+                out.append(
+                    f"{where}: no verifier registered as {ref!r} (registered: {', '.join(sorted(names))})"
+                )
+        elif ".py:" not in ref:
+            module = ref.rpartition(":")[0]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                out.append(f"{where}: module {module!r} of {ref!r} is not importable")
+    return out
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -42,10 +88,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"  value in this recipe: {json.dumps(shown)}")
         return 0
     print(recipe_summary(recipe))
-    if recipe.stage == "pipeline":
-        for stage in load_pipeline_stages(recipe):
+    stages = load_pipeline_stages(recipe) if recipe.stage == "pipeline" else [recipe]
+    for stage in stages:
+        if stage is not recipe:
             print()
             print(recipe_summary(stage))
+        for warning in verifier_warnings(stage):
+            print(f"warning:  {warning}")
     print("ok: recipe is valid")
     return 0
 

@@ -164,3 +164,16 @@ def test_verify_commands_are_passed_through(monkeypatch: pytest.MonkeyPatch) -> 
 def test_unknown_arguments_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["plan", str(TINY / "sft.yaml"), "--jsn"]) == 2
     assert "--jsn" in capsys.readouterr().err
+
+
+def test_validate_warns_about_unresolvable_verifiers(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("kexaone_align.verifiers")
+    code = cli.main(
+        ["validate", str(TINY / "agapo.yaml"), "verifiers.math=mathh", "verifiers.x=no_such_pkg.mod:fn"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "verifiers.math: no verifier registered as 'mathh'" in out
+    assert "verifiers.x: module 'no_such_pkg.mod'" in out
+    assert cli.main(["validate", str(TINY / "agapo.yaml")]) == 0
+    assert "warning" not in capsys.readouterr().out  # math is registered
