@@ -44,6 +44,17 @@ def test_config_rejects_bad_input():
         tiny_config(1024, num_experts_per_tok=9)
 
 
+def test_architecture_overrides(tmp_path):
+    arch = {"num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 2048, "eos_token_id": 999}
+    model = load_policy(build_tiny_checkpoint(tmp_path / "small", architecture=arch))
+    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 64
+    assert model.config.vocab_size == 2048  # padded beyond the tokenizer
+    # Special token ids always follow the tokenizer saved next to the model.
+    assert model.config.eos_token_id == load_tokenizer(tmp_path / "small").eos_token_id
+    with pytest.raises(KexaoneError, match="smaller than the tiny tokenizer"):
+        build_tiny_checkpoint(tmp_path / "bad", architecture={"vocab_size": 100})
+
+
 def test_modules_have_qk_norm_and_moe(ckpt):
     model = load_policy(ckpt)
     attn = model.model.layers[1].self_attn

@@ -78,18 +78,25 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Write a randomly initialised tiny K-EXAONE (model + tokenizer) that loads like a real checkpoint.
 
-    ``architecture`` overrides entries of ``TINY_ARCHITECTURE``. The weights depend only on ``seed`` and the
+    ``architecture`` overrides entries of ``TINY_ARCHITECTURE`` (a ``vocab_size`` larger than the
+    tokenizer's pads the embedding). The weights depend only on ``seed`` and the
     architecture (the caller's global RNG state is left untouched). Returns ``out_dir``.
     """
     out = Path(out_dir)
     tokenizer = build_tokenizer()
-    config = tiny_config(
-        len(tokenizer),
-        **(architecture or {}),
+    overrides = dict(architecture or {})
+    vocab_size = overrides.pop("vocab_size", None) or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise KexaoneError(
+            f"build_tiny_checkpoint: vocab_size {vocab_size} is smaller than the tiny tokenizer "
+            f"({len(tokenizer)} tokens)"
+        )
+    overrides.update(  # the ids always come from the tokenizer that is saved next to the model
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config = tiny_config(vocab_size, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ExaoneMoeForCausalLM(config)
