@@ -26,6 +26,15 @@ pytestmark = pytest.mark.slow
 PROBE = [[1, 9, 33, 70, 4, 200, 17, 3, 88, 91, 5, 6]]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared 2-core box they run ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     started = not ray.is_initialized()
@@ -98,12 +107,7 @@ def test_object_store_sync_from_learner_actor(workers, learner, checkpoints):
 
 def test_gloo_broadcast_sync(workers, checkpoints):
     source = CheckpointWeightSource(checkpoints[2])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run one intra-op thread; match it so equality can be exact
-    try:
-        target = source.logits(PROBE)
-    finally:
-        torch.set_num_threads(threads)
+    target = source.logits(PROBE)  # one intra-op thread here and in the workers: equality can be exact
     version = ray.get(workers[0].ping.remote())["policy_version"] + 1
     sync = WeightSync(workers, transport="gloo", host="127.0.0.1")
     metrics = sync.push(version, bucketize(source.model.state_dict().items(), 256 * 1024))
