@@ -57,7 +57,7 @@ def hf_config(recipe: Recipe) -> Any:
             kwargs["vocab_size"] = len(build_tokenizer())
         try:
             return ExaoneMoeConfig(**kwargs)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # transformers' strict dataclass raises its own error types
             raise KexaoneError(f"model.architecture is not a valid ExaoneMoeConfig: {exc}") from None
     path = Path(model.path or "")
     if (path / "config.json").is_file():
@@ -146,7 +146,7 @@ def _activation_bytes_per_token(config: Any, b: int) -> tuple[int, int, int]:
     )
     layers = []
     for attn_kind, mlp_kind in zip(config.layer_types, config.mlp_layer_types, strict=True):
-        rotary = rope if (attn_kind == "sliding_attention" or not config.sliding_window) else 0
+        rotary = rope if attn_kind == "sliding_attention" else 0
         layers.append(norms + attn + rotary + (moe if mlp_kind == "sparse" else dense))
     final_norm = h * (4 + b)
     return sum(layers) + final_norm, max(layers), len(layers) * h * b

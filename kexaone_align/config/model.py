@@ -42,14 +42,14 @@ class ArchitectureConfig(Section):
     mlp_layer_types: list[MlpLayerType] | None = Field(
         None, description="Per-layer 'dense'/'sparse'; overrides first_k_dense_replace when given."
     )
-    sliding_window: int | None = Field(
-        4096, gt=0, description="Window of sliding-window attention layers. None = all layers global."
+    sliding_window: int = Field(
+        4096, gt=0, description="Window (tokens) of the sliding-window attention layers."
     )
-    sliding_window_pattern: int | None = Field(
+    sliding_window_pattern: int = Field(
         4,
-        gt=0,
-        description="Every N-th layer is global attention, the others sliding (4 = 3 SWA + 1 global). "
-        "Ignored when layer_types is given.",
+        ge=1,
+        description="Every N-th layer is global attention, the others sliding (4 = 3 SWA + 1 global; "
+        "1 = all global). Ignored when layer_types is given.",
     )
     layer_types: list[LayerType] | None = Field(
         None, description="Explicit per-layer attention type; length must equal num_hidden_layers."
@@ -100,8 +100,6 @@ class ArchitectureConfig(Section):
         """Per-layer attention type, computed the way ``ExaoneMoeConfig`` does."""
         if self.layer_types is not None:
             return list(self.layer_types)
-        if self.sliding_window is None or not self.sliding_window_pattern:
-            return ["full_attention"] * self.num_hidden_layers
         n = self.sliding_window_pattern
         return [
             "sliding_attention" if (i + 1) % n else "full_attention" for i in range(self.num_hidden_layers)
@@ -125,8 +123,6 @@ class ArchitectureConfig(Section):
         kwargs["layer_types"] = self.resolved_layer_types()
         kwargs["mlp_layer_types"] = self.resolved_mlp_layer_types()
         kwargs["head_dim"] = self.resolved_head_dim
-        if self.sliding_window is None:
-            kwargs["sliding_window"] = None
         kwargs.pop("sliding_window_pattern", None)
         return kwargs
 
