@@ -1,0 +1,47 @@
+"""Comparisons done in the verifier process, on plain data only (never on objects the program made).
+
+* stdin/stdout tests: outputs are equal when their lines match after trimming trailing whitespace on
+  every line and blank lines at both ends (``\\r\\n`` counts as ``\\n``).
+* call-based tests: JSON-decoded return values are compared structurally; lists (JSON has no tuples)
+  element by element, dicts key by key, floats with a small relative/absolute tolerance, everything
+  booleans only equal booleans (``true`` is not ``1``), strings and null by ``==``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+FLOAT_REL_TOL = 1e-6
+FLOAT_ABS_TOL = 1e-9
+
+
+def normalize_output(text: str) -> list[str]:
+    """Lines of ``text`` with trailing whitespace and surrounding blank lines removed."""
+    return [line.rstrip() for line in text.replace("\r\n", "\n").strip().split("\n")]
+
+
+def outputs_match(got: str, expected: str) -> bool:
+    """Whether a program's stdout matches the expected stdout (see module docstring)."""
+    return normalize_output(got) == normalize_output(expected)
+
+
+def values_match(got: Any, expected: Any) -> bool:
+    """Structural equality of two JSON values with float tolerance."""
+    if isinstance(expected, bool) or isinstance(got, bool):
+        return type(got) is type(expected) and got == expected
+    if isinstance(expected, int | float) and isinstance(got, int | float):
+        if isinstance(expected, int) and isinstance(got, int):
+            return got == expected
+        return math.isclose(float(got), float(expected), rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
+    if isinstance(expected, list | tuple) and isinstance(got, list | tuple):
+        return len(got) == len(expected) and all(
+            values_match(g, e) for g, e in zip(got, expected, strict=True)
+        )
+    if isinstance(expected, dict) and isinstance(got, dict):
+        return got.keys() == expected.keys() and all(values_match(got[k], expected[k]) for k in expected)
+    if expected is None or got is None:
+        return got is None and expected is None
+    if isinstance(expected, str) and isinstance(got, str):
+        return got == expected
+    return False
