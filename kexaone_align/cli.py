@@ -100,9 +100,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from kexaone_align.config import explain_key
+    from kexaone_align.config import Recipe, explain_key
 
-    print(explain_key(args.key).render())
+    if args.key:
+        print(explain_key(args.key).render())
+        return 0
+    print("recipe sections and keys (kexaone-align explain KEY for details):")
+    for name, info in Recipe.model_fields.items():
+        print(f"  {name:<11} {info.description}")
     return 0
 
 
@@ -178,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_validate)
 
     p = subs.add_parser("explain", parents=[common], help="describe a recipe key, e.g. agapo.group_size")
-    p.add_argument("key", help="dotted key path")
+    p.add_argument("key", nargs="?", help="dotted key path; omit it to list the top-level keys")
     p.set_defaults(handler=_cmd_explain)
 
     p = subs.add_parser("run", parents=[common], help="validate, then run the stage or pipeline")

@@ -177,3 +177,10 @@ def test_validate_warns_about_unresolvable_verifiers(capsys: pytest.CaptureFixtu
     assert "verifiers.x: module 'no_such_pkg.mod'" in out
     assert cli.main(["validate", str(TINY / "agapo.yaml")]) == 0
     assert "warning" not in capsys.readouterr().out  # math is registered
+
+
+def test_explain_without_key_lists_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["explain"]) == 0
+    out = capsys.readouterr().out
+    for section in ("model", "agapo", "rollout", "learners", "cluster", "verifiers", "checkpoint"):
+        assert f"  {section} " in out

@@ -351,3 +351,11 @@ def test_data_files_resolve_against_the_recipe(tmp_path: Path) -> None:
     assert recipe.warnings == [
         f"data.eval_files.0: not found on this machine: {tmp_path / 'data' / 'missing.jsonl'}"
     ]
+
+
+def test_recipe_pickles_for_ray_actors() -> None:
+    import pickle
+
+    recipe = load_recipe(TINY / "agapo.yaml")
+    again = pickle.loads(pickle.dumps(recipe))
+    assert again == recipe and again.source_path == recipe.source_path and again.freeze_router is True
