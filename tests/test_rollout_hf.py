@@ -190,6 +190,8 @@ def test_sampling_config_validation(kwargs, match):
 def test_bad_requests_are_refused(backend):
     with pytest.raises(KexaoneError, match="empty prompt"):
         RolloutRequest("x", [])
+    with pytest.raises(KexaoneError, match="outside the vocabulary"):
+        backend.generate([RolloutRequest("big", [1, 10**6])], SamplingConfig(max_new_tokens=1))
     with pytest.raises(KexaoneError, match="duplicate"):
         backend.generate(
             [RolloutRequest("a", [1]), RolloutRequest("a", [2])], SamplingConfig(max_new_tokens=1)

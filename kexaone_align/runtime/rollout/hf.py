@@ -89,8 +89,8 @@ class HFRolloutBackend:
         self.max_batch_size = max_batch_size
         self._versions = VersionTracker(initial_version)
         self._targets = self.model.state_dict()
-        self._tensors_in_update = 0
         cfg = self.model.config
+        self.vocab_size = int(cfg.vocab_size)
         self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         eos = getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id
         if eos is None:
@@ -106,6 +106,13 @@ class HFRolloutBackend:
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
         """Sample every request ``num_samples`` times; order follows the requests, then sample index."""
         rows = expand_requests(requests)
+        for req in requests:
+            bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise KexaoneError(
+                    f"rollout request {req.request_id!r} has token ids outside the vocabulary "
+                    f"(size {self.vocab_size}): {bad[:5]}"
+                )
         stop = set(self.default_stop_token_ids) | set(sampling.stop_token_ids)
         start = time.perf_counter()
         samples: list[RolloutSample] = []
@@ -124,12 +131,11 @@ class HFRolloutBackend:
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load one bucket of weights for ``version``; publish it with :meth:`finish_update`."""
         self._versions.begin(version)
-        self._tensors_in_update += load_named_tensors(self._targets, named_tensors)
+        load_named_tensors(self._targets, named_tensors)
 
     def finish_update(self, version: int) -> None:
         """Publish ``version``: samples generated from now on carry it."""
         self._versions.finish(version)
-        self._tensors_in_update = 0
 
     def release_memory(self) -> None:
         """Colocated mode: hand the accelerator back to the learners (no-op on CPU)."""
