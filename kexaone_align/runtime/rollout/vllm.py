@@ -19,12 +19,16 @@ How each requirement maps onto vLLM:
   transport) or its NCCL/gloo receiver. The prefix cache is reset after each published version,
   because cached KV blocks were computed with the old weights.
 * Colocated mode: ``enable_sleep_mode=True`` with ``LLM.sleep(level=1)`` / ``LLM.wake_up()``.
+* Not used (yet): vLLM's native weight-transfer engines (``WeightTransferConfig``), whose API moved
+  between recent releases; the worker-extension route above relies only on long-stable pieces.
+* With MTP, the returned log-probs are assumed to stay those of the processed target distribution
+  (rejection sampling keeps it the sampling distribution); this is the first thing to check on GPU.
 
 Documentation relied on:
-  https://docs.vllm.ai/en/latest/api/vllm/sampling_params/
   https://docs.vllm.ai/en/v0.22.1/api/vllm/v1/sample/sampler/
+  https://docs.vllm.ai/en/v0.20.2/api/vllm/v1/engine/logprobs/
   https://docs.vllm.ai/en/latest/api/vllm/outputs/
-  https://docs.vllm.ai/en/latest/api/vllm/inputs/
+  https://docs.vllm.ai/en/v0.32.0/api/vllm/v1/worker/worker_base/
   https://docs.vllm.ai/en/v0.19.1/features/speculative_decoding/mtp/
   https://docs.vllm.ai/en/v0.15.0/examples/offline_inference/rlhf_utils/
   https://docs.vllm.ai/en/v0.32.0/training/weight_transfer/
