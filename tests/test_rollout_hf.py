@@ -40,16 +40,21 @@ REQUESTS = [
 ]
 
 
-def reference_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """An independent float64 numpy nucleus: the smallest most-likely set whose mass reaches top_p."""
+def reference_logprobs(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int = -1
+) -> torch.Tensor:
+    """Independent float64 numpy reference: top-k, then the smallest most-likely set reaching top_p."""
     scaled = logits.double().numpy() / temperature
     probs = np.exp(scaled - scaled.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.full_like(probs, -np.inf)
     for row, p in enumerate(probs):
         order = np.argsort(-p, kind="stable")
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
-        out[row, keep] = np.log(p[keep] / p[keep].sum())
+        if top_k > 0:
+            order = order[:top_k]
+        q = p[order] / p[order].sum()
+        keep = int(np.searchsorted(np.cumsum(q), top_p)) + 1
+        out[row, order[:keep]] = np.log(q[:keep] / q[:keep].sum())
     return torch.from_numpy(out)
 
 
@@ -63,9 +68,15 @@ def full_forward_logits(model, prompt: list[int], response: list[int]) -> torch.
 
 def test_processed_logprobs_matches_reference_nucleus():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
-    for temperature, top_p in [(1.0, 0.95), (0.6, 0.5), (1.7, 0.9), (1.0, 0.01)]:
-        ours = processed_logprobs(logits, temperature, top_p)
-        ref = reference_logprobs(logits, temperature, top_p)
+    for temperature, top_p, top_k in [
+        (1.0, 0.95, -1),
+        (0.6, 0.5, -1),
+        (1.7, 0.9, 10),
+        (1.0, 0.01, -1),
+        (1, 1, 5),
+    ]:
+        ours = processed_logprobs(logits, temperature, top_p, top_k)
+        ref = reference_logprobs(logits, temperature, top_p, top_k)
         assert torch.equal(torch.isinf(ours), torch.isinf(ref))
         finite = torch.isfinite(ref)
         assert torch.allclose(ours[finite].double(), ref[finite], atol=1e-5)
@@ -73,9 +84,9 @@ def test_processed_logprobs_matches_reference_nucleus():
     assert torch.isfinite(processed_logprobs(logits, 1.0, 1.0)).all()
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.95), (0.7, 0.8)])
-def test_logprobs_equal_full_forward_recomputation(model, backend, temperature, top_p):
-    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, top_p=top_p, seed=11)
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.95, -1), (0.7, 0.8, -1), (1.3, 0.9, 40)])
+def test_logprobs_equal_full_forward_recomputation(model, backend, temperature, top_p, top_k):
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, top_p=top_p, top_k=top_k, seed=11)
     samples = backend.generate(REQUESTS, sampling)
     assert [(s.request_id, s.sample_index) for s in samples] == [
         ("short", 0),
@@ -88,7 +99,7 @@ def test_logprobs_equal_full_forward_recomputation(model, backend, temperature, 
     for s in samples:
         assert len(s.logprobs) == len(s.token_ids) > 0
         ref = reference_logprobs(
-            full_forward_logits(model, s.prompt_token_ids, s.token_ids), temperature, top_p
+            full_forward_logits(model, s.prompt_token_ids, s.token_ids), temperature, top_p, top_k
         )
         truncated += int(torch.isinf(ref).any())
         expected = ref[torch.arange(len(s.token_ids)), torch.tensor(s.token_ids)]
@@ -180,7 +191,13 @@ def test_loads_from_saved_checkpoint(tmp_path, model):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"temperature": 0.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")],
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
 )
 def test_sampling_config_validation(kwargs, match):
     with pytest.raises(KexaoneError, match=match):

@@ -103,6 +103,8 @@ def test_sampling_params_kwargs():
     assert kw["n"] == 2 and kw["temperature"] == 1.0 and kw["top_p"] == 0.95 and kw["max_tokens"] == 64
     assert kw["stop_token_ids"] == [53] and kw["logprobs"] == 0
     assert kw["seed"] == sampling_params_kwargs(sampling, REQ)["seed"]
+    assert "top_k" not in kw
+    assert sampling_params_kwargs(SamplingConfig(top_k=50), REQ)["top_k"] == 50
     other = RolloutRequest("q2", [1], num_samples=2)
     assert kw["seed"] != sampling_params_kwargs(sampling, other)["seed"]
 

@@ -26,11 +26,16 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample: the paper's defaults are temperature 1.0 and top-p 0.95."""
+    """How to sample: the paper's defaults are temperature 1.0 and top-p 0.95 (top-k off).
+
+    Order, as in vLLM: temperature, then top-k, then top-p on the top-k renormalised distribution.
+    The model's eos always stops a sample; ``stop_token_ids`` adds more stop tokens.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 0.95
+    top_k: int = -1
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
 
@@ -39,6 +44,8 @@ class SamplingConfig:
             raise KexaoneError(f"sampling.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise KexaoneError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise KexaoneError(f"sampling.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise KexaoneError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

@@ -189,7 +189,9 @@ class HFRolloutBackend:
         logps: list[list[float]] = [[] for _ in rows]
         reasons: list[Any] = [None] * batch
         for _step in range(sampling.max_new_tokens):
-            logp = processed_logprobs(out.logits[:, -1, :], sampling.temperature, sampling.top_p)
+            logp = processed_logprobs(
+                out.logits[:, -1, :], sampling.temperature, sampling.top_p, sampling.top_k
+            )
             probs = logp.exp()
             chosen = []
             for i in range(batch):

@@ -11,13 +11,20 @@ import hashlib
 import torch
 
 
-def processed_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Log-probs after temperature, then top-p filtering and renormalisation (-inf outside the nucleus).
+def processed_logprobs(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int = -1
+) -> torch.Tensor:
+    """Log-probs after temperature, top-k, then top-p filtering and renormalisation (-inf where removed).
 
     The nucleus is the smallest set of most-likely tokens whose probability mass reaches ``top_p``;
-    ``top_p == 1`` keeps the whole vocabulary, so the result is the plain ``log_softmax(logits / T)``.
+    ``top_p == 1`` and ``top_k == -1`` keep the whole vocabulary, so the result is the plain
+    ``log_softmax(logits / T)``.
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if 0 < top_k < logp.shape[-1]:
+        kth = torch.topk(logp, top_k, dim=-1).values[..., -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+        logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
     if top_p >= 1.0:
         return logp
     sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)

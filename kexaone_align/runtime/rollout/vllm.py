@@ -106,7 +106,7 @@ def vllm_engine_kwargs(
 
 def sampling_params_kwargs(sampling: SamplingConfig, request: RolloutRequest) -> dict[str, Any]:
     """Keyword arguments for ``vllm.SamplingParams`` of one request (pure)."""
-    return {
+    kwargs: dict[str, Any] = {
         "n": request.num_samples,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -116,6 +116,9 @@ def sampling_params_kwargs(sampling: SamplingConfig, request: RolloutRequest) ->
         "seed": sample_seed(sampling.seed, request.request_id, 0) % (2**31),
         "detokenize": False,
     }
+    if sampling.top_k > 0:
+        kwargs["top_k"] = sampling.top_k
+    return kwargs
 
 
 def request_output_to_samples(
