@@ -213,3 +213,11 @@ def test_bad_requests_are_refused(backend):
         backend.generate(
             [RolloutRequest("a", [1]), RolloutRequest("a", [2])], SamplingConfig(max_new_tokens=1)
         )
+
+
+def test_sampling_config_from_recipe_section():
+    from kexaone_align.config.infra import RolloutConfig
+
+    cfg = SamplingConfig.from_recipe(RolloutConfig(max_new_tokens=77, top_k=12), stop_token_ids=[5], seed=3)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (1.0, 0.95, 12, 77)
+    assert cfg.stop_token_ids == (5,) and cfg.seed == 3

@@ -50,6 +50,20 @@ class SamplingConfig:
             raise KexaoneError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
+    @classmethod
+    def from_recipe(
+        cls, rollout: Any, *, stop_token_ids: Iterable[int] = (), seed: int = 0
+    ) -> SamplingConfig:
+        """From the recipe's ``rollout`` section (its temperature, top_p, top_k and max_new_tokens)."""
+        return cls(
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            stop_token_ids=tuple(stop_token_ids),
+            seed=seed,
+        )
+
 
 @dataclass
 class RolloutRequest:
