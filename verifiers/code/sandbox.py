@@ -55,6 +55,7 @@ _DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 _UID_BASE, _UID_SLOTS = 61000, 4000
 _SETUP_GRACE_S = 1.0
 _STDERR_CAP = 64 * 1024
+_DRAIN_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -364,12 +365,19 @@ def _run_and_collect(
             proc.stdin.close()
         sel.register(proc.stdout, selectors.EVENT_READ, out)
         sel.register(proc.stderr, selectors.EVENT_READ, err)
+        drain_until: float | None = None
         while sel.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 killed_reason = "wall_time"
                 break
-            for key, _ in sel.select(min(remaining, 0.5)):
+            if drain_until is None and proc.poll() is not None:
+                # the supervisor is gone; a stray holder of the pipes (rlimits-only) must not stall us
+                drain_until = now + _DRAIN_S
+            elif drain_until is not None and now >= drain_until:
+                break
+            remaining = min(deadline, drain_until or deadline) - now
+            for key, _ in sel.select(min(remaining, 0.05)):
                 if key.fileobj is proc.stdin:
                     try:
                         sent = os.write(key.fd, pending[:65536])
