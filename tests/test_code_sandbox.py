@@ -450,3 +450,26 @@ print(net, sorted(os.listdir("/"))[:3], os.getuid())
     assert not os.path.exists(name)
     info = json.dumps(res.isolation)
     assert "userns" in info
+
+
+def test_no_new_namespaces_mounts_or_host_filesystem():
+    if detect_isolation_mode() != "namespaces":
+        pytest.skip("namespace mode only")
+    prog = """
+import ctypes, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+out = [libc.unshare(0x10000000), libc.unshare(0x40000000)]           # new user ns, new net ns
+out.append(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, None))
+out.append(subprocess.run(["unshare", "-r", "true"], capture_output=True).returncode != 0)
+try:
+    os.chroot("/tmp"); out.append("chroot")
+except OSError:
+    out.append("no-chroot")
+print(out, sorted(os.listdir("/")), os.path.exists("/work/main/tests"), os.path.exists("/old_root"))
+"""
+    res = run_sandboxed(prog, b"", FAST)
+    assert res.ok, res.stderr
+    text = res.stdout.decode()
+    assert text.startswith("[-1, -1, -1, True, 'no-chroot']"), text
+    assert text.rstrip().endswith("False False")
+    assert "'home'" not in text and "'var'" not in text and "'run'" not in text

@@ -9,12 +9,14 @@ runs in isolated mode with no site-packages. It is PID 1 of the new PID namespac
 * the program cannot signal it (PID 1 ignores signals it has no handler for, and the program runs as
   another uid), and the verifier's own PID is not visible at all.
 
-Jail (namespace mode): a small read-only tmpfs root holding read-only, nosuid bind mounts of the system
-directories and the Python installation only (no /work, /home, /root, /var, /run, host /tmp), a few
-device nodes, a fresh ``/proc`` of the new PID namespace with ``hidepid=invisible``, and a size-capped
-tmpfs ``/tmp`` owned by the program's uid as the only writable place (cwd and HOME). The network
-namespace is new and empty (loopback down). The program runs in its own session as an unprivileged uid
-with rlimits set, ``no_new_privs`` set and, in user-namespace mode, all capabilities dropped.
+Jail (namespace mode): ``pivot_root`` into a small read-only tmpfs root (the old root is detached)
+holding read-only, nosuid bind mounts of the system directories and the Python installation only (no
+/work, /home, /root, /var, /run, host /tmp), a few device nodes, a fresh ``/proc`` of the new PID
+namespace with ``hidepid=invisible``, and a size-capped tmpfs ``/tmp`` owned by the program's uid as the
+only writable place (cwd and HOME). The network namespace is new and empty (loopback down). The program
+runs in its own session as an unprivileged uid with rlimits, ``no_new_privs``, a seccomp filter that
+refuses new namespaces (user namespaces included), the mount API, io_uring, bpf, perf and keyrings,
+and, in user-namespace mode, all capabilities dropped.
 
 Input: ``STAGING/job.json`` and ``STAGING/files/*`` (written by the parent, mode 0700, root-owned).
 Output: ``STAGING/status.json`` (exit status, CPU time, setup errors), opened before the chroot so the
@@ -32,6 +34,8 @@ import sys
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_DUMPABLE = 38, 24, 4
+MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -81,8 +85,20 @@ def _build_jail(job, staging, files):
     _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
     _write_files(root + "/tmp", files, job["uid"])
     _mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    os.chroot(root)
+    _enter_root(root)
     os.chdir("/tmp")
+
+
+def _enter_root(root):
+    """pivot_root into the jail and detach the old root, so no host path is left in this mount
+    namespace at all; chroot only where pivot_root is unavailable."""
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is not None:
+        os.chdir(root)
+        if _libc.syscall(nr, b".", b".") == 0 and _libc.umount2(b".", MNT_DETACH) == 0:
+            os.chdir("/")
+            return
+    os.chroot(root)
 
 
 def _write_files(dest, files, uid):
@@ -114,6 +130,88 @@ def _drop_caps():
         raise OSError(ctypes.get_errno(), "capset failed")
 
 
+# seccomp (x86_64 only): no new namespaces, no mount API, no io_uring/bpf/perf/userfaultfd/keyrings.
+# Normal Python (threads, fork, subprocess) is unaffected; clone3 answers ENOSYS so glibc uses clone.
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_DENY_EPERM = (
+    272,
+    308,
+    165,
+    166,
+    155,
+    161,
+    428,
+    429,
+    430,
+    431,
+    432,
+    433,
+    442,
+    425,
+    321,
+    298,
+    323,
+    250,
+    248,
+    249,
+)  # unshare setns mount umount2 pivot_root chroot open_tree..fspick mount_setattr
+#                           io_uring_setup bpf perf_event_open userfaultfd keyctl add_key request_key
+_SYS_CLONE, _SYS_CLONE3 = 56, 435
+_CLONE_NS_FLAGS = 0x10000000 | 0x00020000 | 0x20000000 | 0x40000000 | 0x04000000 | 0x08000000 | 0x02000000
+_RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
+
+
+def _seccomp_program():
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    # each entry: (code, jump-true label, jump-false label, k); labels resolved below
+    prog = [
+        (ld, None, None, 4),
+        (jeq, None, "allow", _AUDIT_ARCH_X86_64),
+        (ld, None, None, 0),
+        (jge, "eperm", None, 0x40000000),
+    ]
+    prog += [(jeq, "eperm", None, nr) for nr in _DENY_EPERM]
+    prog += [
+        (jeq, "enosys", None, _SYS_CLONE3),
+        (jeq, None, "allow", _SYS_CLONE),
+        (ld, None, None, 16),
+        (jset, "eperm", "allow", _CLONE_NS_FLAGS),
+    ]
+    labels = {"allow": len(prog), "eperm": len(prog) + 1, "enosys": len(prog) + 2}
+    prog += [
+        (ret, None, None, _RET_ALLOW),
+        (ret, None, None, _RET_ERRNO | 1),
+        (ret, None, None, _RET_ERRNO | 38),
+    ]
+    out = []
+    for i, (code, jt, jf, k) in enumerate(prog):
+        rel = [0 if lab is None else labels[lab] - i - 1 for lab in (jt, jf)]
+        out.append((code, rel[0], rel[1], k))
+    return out
+
+
+def _install_seccomp():
+    if os.uname().machine != "x86_64":
+        return
+
+    class Filter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+    insns = _seccomp_program()
+    arr = (Filter * len(insns))(*[Filter(*x) for x in insns])
+    prog = Prog(len(insns), arr)
+    if _libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
+
+
 def _exec_program(job):
     """Child side of the fork: limits, identity, then exec. Never returns."""
     try:
@@ -128,6 +226,8 @@ def _exec_program(job):
         if job["mode"] == "userns":
             _drop_caps()
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if job["mode"] != "rlimits-only":
+            _install_seccomp()
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         os.execve(job["argv"][0], job["argv"], job["env"])
     except BaseException as exc:
