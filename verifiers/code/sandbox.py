@@ -16,9 +16,10 @@ Layers (namespace mode, the normal case as root; see ``nsinit.py`` for the insid
 
 Fallbacks, chosen once by ``detect_isolation_mode()`` and announced with a loud one-time warning:
 ``userns`` (unprivileged but user namespaces allowed: same jail, program keeps mapped uid 0 with all
-capabilities dropped) and ``rlimits-only`` (no namespaces: separate uid when root, own session, rlimits,
-an intermediate supervisor process, and a sweep that kills every process of the run's uid, or carrying
-the run's token when not root). ``rlimits-only`` cannot block the network.
+capabilities dropped) and ``rlimits-only`` (no namespaces: own session, rlimits, an intermediate
+supervisor process; as root a separate uid, never root itself, and a sweep that kills every process of
+that uid; not root, a sweep by the run's token). ``rlimits-only`` cannot block the network, and without
+root the program shares the verifier's uid and can signal it.
 
 Thread safety: no ``chdir``, no signal handlers, no ``preexec_fn`` in the parent; every run has its
 own staging directory, uid and selector. Cost: about 100 ms per run (two Python start-ups).
@@ -131,10 +132,22 @@ def detect_isolation_mode() -> str:
                 _mode = "rlimits-only"
                 log.warning(
                     "!!! kexaone code sandbox: Linux namespaces are unavailable, falling back to "
-                    "rlimits-only isolation: NO network isolation and weaker filesystem/process isolation. "
-                    "Do not train on untrusted code like this; run as root or allow user namespaces !!!"
+                    "rlimits-only isolation: NO network isolation, weaker filesystem isolation, and when not "
+                    "root the program runs as YOUR uid and can signal your processes. Do not train on "
+                    "untrusted code like this; run as root or allow unprivileged user namespaces !!!"
                 )
         return _mode
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    with _mode_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.warning("kexaone code sandbox: %s", message)
 
 
 # ---------------------------------------------------------------- uid pool
@@ -282,10 +295,16 @@ def run_sandboxed(
 
     drop_uid = os.geteuid() == 0 and mode != "userns"
     if drop_uid and mode == "rlimits-only" and not _world_executable(python):
-        log.warning(
-            "kexaone code sandbox: %s is not usable by other uids; rlimits-only runs keep root", python
-        )
-        drop_uid = False
+        # Never run untrusted code as root (kill(-1) alone would take the machine down): use a Python
+        # that other uids can execute, or refuse.
+        fallback = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        if not fallback or not _world_executable(fallback):
+            raise KexaoneError(
+                f"the code sandbox cannot run {python} as an unprivileged uid and namespaces are "
+                "unavailable; refusing to run untrusted code as root"
+            )
+        _warn_once(f"{python} is not executable by other uids; rlimits-only runs use {fallback}")
+        python = fallback
     uid = _acquire_uid() if drop_uid else None
     token = uuid.uuid4().hex
     staging = tempfile.mkdtemp(prefix="kexaone-sbx-")
@@ -460,12 +479,12 @@ def _read_status(staging: str) -> dict:
 def _terminate(proc: subprocess.Popen, staging: str, mode: str, uid: int | None, token: str) -> None:
     """Leave nothing running: kill the namespace init (and with it the namespace), then reap."""
     if proc.poll() is None:
-        init_pid = _read_pid(staging)
-        if init_pid and mode != "rlimits-only":
-            _kill(init_pid)
         if mode == "rlimits-only":
-            _kill(-proc.pid)
-            _sweep(uid, token)
+            _sweep(uid, token)  # the supervisor (alive, not swept) then reaps them and exits
+        else:
+            init_pid = _read_pid(staging)
+            if init_pid:
+                _kill(init_pid)
         try:
             proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
@@ -503,12 +522,14 @@ def _sweep(uid: int | None, token: str) -> None:
             try:
                 if uid is not None:
                     with open(f"/proc/{pid}/status", "rb") as fh:
-                        uid_line = next(line for line in fh if line.startswith(b"Uid:"))
-                    hit = int(uid_line.split()[1]) == uid
+                        fields = dict(line.split(b":", 1) for line in fh if b":" in line)
+                    hit = int(fields[b"Uid"].split()[0]) == uid and not fields[b"State"].strip().startswith(
+                        b"Z"
+                    )
                 else:
                     with open(f"/proc/{pid}/environ", "rb") as fh:
                         hit = needle in fh.read()
-            except (OSError, StopIteration, ValueError):
+            except (OSError, KeyError, ValueError, IndexError):
                 continue
             if hit:
                 found = True
