@@ -253,7 +253,7 @@ def _world_executable(path: str) -> bool:
     return True
 
 
-def _rlimits(limits: SandboxLimits, mode: str) -> dict[str, list[int]]:
+def _rlimits(limits: SandboxLimits, dedicated_uid: bool) -> dict[str, list[int]]:
     cpu = max(1, math.ceil(limits.cpu_s))
     out = {
         "CPU": [cpu, cpu + 1],
@@ -263,9 +263,26 @@ def _rlimits(limits: SandboxLimits, mode: str) -> dict[str, list[int]]:
         "CORE": [0, 0],
         "MEMLOCK": [0, 0],
     }
-    if mode != "userns" or os.geteuid() != 0:
-        out["NPROC"] = [limits.max_processes] * 2
+    # RLIMIT_NPROC counts every task of the real uid. With a pool uid that is just this run; when the
+    # program shares the verifier's uid (userns, unprivileged rlimits-only) it is offset by what that
+    # uid already runs, so a busy trainer does not starve the program and a fork bomb is still capped.
+    base = 0 if dedicated_uid else _tasks_of_uid(os.getuid())
+    out["NPROC"] = [base + limits.max_processes] * 2
     return out
+
+
+def _tasks_of_uid(uid: int) -> int:
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status", "rb") as fh:
+                    fields = dict(line.split(b":", 1) for line in fh if b":" in line)
+                if int(fields[b"Uid"].split()[0]) == uid:
+                    count += int(fields[b"Threads"])
+            except (OSError, KeyError, ValueError):
+                continue
+    return count
 
 
 def run_sandboxed(
@@ -328,7 +345,7 @@ def run_sandboxed(
             "uid": uid,
             "argv": [python, "-I", "-B", script],
             "env": _child_env(scratch, token),
-            "rlimits": _rlimits(limits, mode),
+            "rlimits": _rlimits(limits, dedicated_uid=uid is not None),
             "binds": [*_SYSTEM_DIRS, *_python_dirs(python)],
             "devices": list(_DEVICES),
             "scratch_mb": limits.scratch_mb,
