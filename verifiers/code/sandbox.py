@@ -351,9 +351,8 @@ def run_sandboxed(
             "scratch_mb": limits.scratch_mb,
             "backstop_s": limits.wall_s + 10.0,
         }
-        if mode != "userns":
-            cgroups = _make_cgroups(os.path.basename(staging), limits)
-            job["cgroups"] = cgroups
+        cgroups = _make_cgroups(os.path.basename(staging), limits)  # root only; [] otherwise
+        job["cgroups"] = cgroups
         with open(os.path.join(staging, "job.json"), "w") as fh:
             json.dump(job, fh)
         init = [sys.executable, "-I", "-S", _NSINIT, staging]
@@ -481,6 +480,7 @@ def _run_and_collect(
         cpu_s=cpu_s,
         stdout_truncated=truncated,
         setup_error=status.get("setup_error"),
+        extra={"maxrss_kb": status.get("maxrss_kb")},
     )
 
 
