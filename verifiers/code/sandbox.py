@@ -5,9 +5,10 @@ Layers (namespace mode, the normal case as root; see ``nsinit.py`` for the insid
 * ``unshare --net --mount --pid --fork --kill-child`` gives a new empty network namespace (no route
   anywhere, not even loopback), a private mount table and a PID namespace whose init is our
   supervisor; killing that init kills every process the program ever started.
-* a chroot made of read-only binds of system and Python directories; the only writable place is a
-  size-capped tmpfs ``/tmp`` (cwd and HOME); the program runs as an unused uid from a small pool (one
-  per concurrent run, so RLIMIT_NPROC counts only that run's processes) with ``no_new_privs``.
+* a ``pivot_root`` jail made of read-only binds of system and Python directories (the host root is
+  detached); the only writable place is a size-capped tmpfs ``/tmp`` (cwd and HOME); the program runs
+  as an unused uid from a small pool (one per concurrent run, so RLIMIT_NPROC counts only that run's
+  processes) with ``no_new_privs`` and a seccomp filter against new namespaces and the mount API.
 * rlimits (CPU, address space, processes, file size, open files, no core dumps) and, where the cgroup v1
   ``pids``/``memory`` controllers are writable, a per-run cgroup capping the *total* of all processes.
 * the parent enforces the wall clock, reads output with a hard cap (killing the run when the cap is
@@ -22,7 +23,8 @@ that uid; not root, a sweep by the run's token). ``rlimits-only`` cannot block t
 root the program shares the verifier's uid and can signal it.
 
 Thread safety: no ``chdir``, no signal handlers, no ``preexec_fn`` in the parent; every run has its
-own staging directory, uid and selector. Cost: about 100 ms per run (two Python start-ups).
+own staging directory, uid and selector. Cost (2-core dev box): about 70 ms per run serially (two
+Python start-ups, mounts, cgroups), about 37 ms per run of throughput with 8 threads.
 """
 
 from __future__ import annotations
