@@ -238,6 +238,7 @@ def _child_env(scratch: str, token: str) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",  # per-thread malloc arenas would eat RLIMIT_AS
         "KEXAONE_SANDBOX": token,
     }
 
