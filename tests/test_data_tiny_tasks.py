@@ -14,6 +14,7 @@ from kexaone_align.data.tiny_tasks import (
     generate_preference_prompts,
     generate_rl_prompts,
     generate_sft_rows,
+    worked_steps,
     write_tiny_dataset,
 )
 from kexaone_align.errors import KexaoneError
@@ -75,7 +76,7 @@ def test_sft_mix_matches_the_requested_fractions():
         noisy += row["metadata"]["noisy"]
         if row["enable_thinking"]:
             trace = reply.split("</think>")[0]
-            assert reply.startswith("<think>\n") and trace.rstrip().endswith(f"= {boxed}")
+            assert reply.startswith("<think>\n") and trace.rstrip().endswith(f"so {boxed}")
         else:
             assert "<think>" not in reply
     assert abs(noisy / len(rows) - 0.2) < 0.03
@@ -83,6 +84,28 @@ def test_sft_mix_matches_the_requested_fractions():
     assert abs(len(styled) / len(rows) - 0.3) < 0.04
     complies = sum(r["metadata"]["complies"] for r in styled) / len(styled)
     assert 0.4 < complies < 0.6
+
+
+@pytest.mark.parametrize(
+    "problem", [Problem(37, "+", 45), Problem(52, "-", 17), Problem(3, "+", 4), Problem(99, "+", 99)]
+)
+def test_worked_steps_are_true_column_arithmetic(problem):
+    ones, tens, final = worked_steps(problem).split("\n")
+    sign = 1 if problem.op == "+" else -1
+    x, y, r, c = map(int, re.findall(r"\d+", ones))
+    assert x + sign * y == r and c == (r // 10 if sign == 1 else int(x >= 10))
+    assert x % 10 == problem.a % 10 and y == problem.b % 10
+    ta, tb, c2, t = map(int, re.findall(r"\d+", tens))
+    assert (ta, tb, c2) == (problem.a // 10, problem.b // 10, c)
+    assert t == (ta + tb + c2 if sign == 1 else ta - tb - c2)
+    assert final == f"so {problem.answer}" and 10 * t + (r % 10) == problem.answer
+    assert worked_steps(problem, answer=5).endswith("so 5")
+
+
+def test_questions_never_start_with_a_number():
+    # the tiny tokenizer encodes " 37" and "37" differently; every operand must follow a space
+    for row in generate_rl_prompts(200, 0, "train"):
+        assert re.search(r"(^|[^ \d])\d", row["messages"][0]["content"]) is None, row
 
 
 def test_sft_noise_off_and_reasoning_extremes():

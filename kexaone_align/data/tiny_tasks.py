@@ -12,9 +12,19 @@ accuracy measures arithmetic, not memorisation.
 
 **SFT rows** (``generate_sft_rows``): one user turn (``"What is 37 + 45?"`` in a few phrasings) and one
 assistant turn ending in ``The answer is \\boxed{82}.``. Reasoning rows (``enable_thinking: true``,
-``reasoning_fraction`` of them) put a short worked trace first, ``<think>\\n37 + 45 = 30 + 40 + 7 + 5 =
-70 + 12 = 82\\n</think>\\n\\n``; non-reasoning rows have no trace. Two deliberate imperfections leave
-headroom for the later stages:
+``reasoning_fraction`` of them) put a column-arithmetic trace first::
+
+    <think>
+    ones: 7 + 5 = 12, carry 1
+    tens: 3 + 4 + 1 = 8
+    so 82
+    </think>
+
+Each step is a one-digit fact that the training problems cover many times over, so a held-out problem
+is a new combination of familiar steps and reasoning mode can generalise (in a probe, the 4M-parameter
+tiny model reached 20% greedy / 9% sampled held-out accuracy after 5 single-thread CPU minutes of SFT,
+about its accuracy on training problems). Non-reasoning rows have no trace and must answer from memory,
+so RL prompts default to reasoning mode. Two deliberate imperfections leave headroom for later stages:
 
 * ``answer_noise`` (default 0.25) of the rows end with a wrong answer (off by 1 or 10, the trace's last
   number changed to match), so the SFT model samples wrong answers at temperature 1.0 and AGAPO's
@@ -57,7 +67,8 @@ END_WORDS = ("done", "thanks", "bye")
 LOWERCASE_ID = "change_case:english_lowercase"
 END_CHECKER_ID = "startend:end_checker"
 
-_QUESTION_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?")
+# Numbers always follow a space: the tiny tokenizer has one token per " 37" (and a different one for "37").
+_QUESTION_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Find {a} {op} {b}.")
 _LOWERCASE_TEXT = "Reply in lowercase letters only."
 _END_TEXT = 'End your reply with the word "{word}".'
 
@@ -137,18 +148,24 @@ def _question(problem: Problem, rng: random.Random) -> str:
 
 
 def worked_steps(problem: Problem, answer: int | None = None) -> str:
-    """A one-line worked solution, tens and units separately; ``answer`` overrides the last number."""
+    """Column arithmetic, one line per column, then the result: ``ones: ...`` / ``tens: ...`` / ``so 82``.
+
+    Every line is a one-digit fact (or a carry/borrow) that training data covers for every problem, so a
+    held-out problem is a new combination of seen steps. ``answer`` overrides the final number (noise).
+    """
     a, op, b = problem.a, problem.op, problem.b
     final = problem.answer if answer is None else answer
+    (ta, ua), (tb, ub) = divmod(a, 10), divmod(b, 10)
     if op == "+":
-        if a < 10 and b < 10:
-            return f"{a} + {b} = {final}"
-        tens, units = (a // 10 + b // 10) * 10, a % 10 + b % 10
-        split_up = f"{a // 10 * 10} + {b // 10 * 10} + {a % 10} + {b % 10}"
-        return f"{a} + {b} = {split_up} = {tens} + {units} = {final}"
-    if b < 10:
-        return f"{a} - {b} = {final}"
-    return f"{a} - {b} = {a} - {b // 10 * 10} - {b % 10} = {a - b // 10 * 10} - {b % 10} = {final}"
+        carry = (ua + ub) // 10
+        ones = f"ones: {ua} + {ub} = {ua + ub}, carry {carry}"
+        tens = f"tens: {ta} + {tb} + {carry} = {ta + tb + carry}"
+    else:
+        borrow = int(ua < ub)
+        top = ua + 10 * borrow
+        ones = f"ones: {top} - {ub} = {top - ub}, borrow {borrow}"
+        tens = f"tens: {ta} - {tb} - {borrow} = {ta - tb - borrow}"
+    return f"{ones}\n{tens}\nso {final}"
 
 
 def _noisy_answer(answer: int, rng: random.Random) -> int:
@@ -185,7 +202,7 @@ def _apply_style(reply: str, ids: list[str], kwargs: list[dict[str, Any]]) -> st
 def generate_sft_rows(
     n: int,
     seed: int,
-    reasoning_fraction: float = 0.5,
+    reasoning_fraction: float = 0.7,
     *,
     split: str = "train",
     answer_noise: float = 0.25,
@@ -237,12 +254,13 @@ def generate_sft_rows(
 
 
 def generate_rl_prompts(
-    n: int, seed: int, split: str = "train", *, reasoning_fraction: float = 0.5
+    n: int, seed: int, split: str = "train", *, reasoning_fraction: float = 1.0
 ) -> list[dict[str, Any]]:
     """``n`` verifiable math prompts ``{"id", "messages", "task": "math", "reference", "enable_thinking"}``.
 
     ``train`` and ``heldout`` never share a problem; within a split, problems repeat only after the
-    whole partition (about 12,000 train / 3,000 held-out problems) has been used.
+    whole partition (about 12,000 train / 3,000 held-out problems) has been used. Reasoning mode by
+    default: without the trace the tiny model can only recall answers, not work them out.
     """
     _check_common(n, split, reasoning_fraction=reasoning_fraction)
     rng = random.Random(f"kexaone-tiny-rl-{split}-{seed}")
