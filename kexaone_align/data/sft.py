@@ -109,7 +109,7 @@ def load_chat_dataset(
     """
     if not isinstance(source, (str, Path)):
         return _from_rows((f"row {i}", row) for i, row in enumerate(source))
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_file():
         if path.suffix in (".jsonl", ".json"):
             return _from_rows(_read_json_rows(path))

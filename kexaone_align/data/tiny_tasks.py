@@ -29,10 +29,11 @@ so RL prompts default to reasoning mode. Two deliberate imperfections leave head
 * ``answer_noise`` (default 0.25) of the rows end with a wrong answer (off by 1 or 10, the trace's last
   number changed to match), so the SFT model samples wrong answers at temperature 1.0 and AGAPO's
   verifiable reward has something to fix;
-* ``style_fraction`` (default 0.3) of the rows add a style instruction to the question (reply in
+* ``style_fraction`` (default 0.4) of the rows add a style instruction to the question (reply in
   lowercase; end the reply with a given word), and only ``style_compliance`` (default 0.5) of those
-  answers obey it, so the SFT model follows style instructions about half the time and GROUPER's rule
-  reward has something to raise.
+  answers obey it, so the SFT model follows style instructions at most half the time and GROUPER's
+  rule reward has something to raise (the probe above: 14% mean ``ifeval`` reward on held-out
+  preference prompts, sampled at temperature 1.0; 7% with ``style_fraction`` 0.3).
 
 **RL prompts** (``generate_rl_prompts``): ``task: "math"`` rows with the exact answer as ``reference``,
 graded by the ``math`` verifier from ``\\boxed{}`` (or the final line). The ``train`` and ``heldout``
@@ -206,7 +207,7 @@ def generate_sft_rows(
     *,
     split: str = "train",
     answer_noise: float = 0.25,
-    style_fraction: float = 0.3,
+    style_fraction: float = 0.4,
     style_compliance: float = 0.5,
 ) -> list[dict[str, Any]]:
     """``n`` conversational SFT rows (``messages``, ``enable_thinking``, ``id``, ``metadata``).
