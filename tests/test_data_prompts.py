@@ -119,3 +119,15 @@ def test_cursor_refuses_a_state_for_another_set():
         other.load_state_dict({"epoch": 0})
     with pytest.raises(KexaoneError, match="batch_size"):
         cursor.next_batch(0)
+
+
+def test_a_list_of_files_is_one_prompt_set_with_unique_ids(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rows = _rows(5)
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    assert [r.id for r in load_prompt_set([a, str(b)])] == ["p0", "p1", "p2", "p3", "p4"]
+    with pytest.raises(
+        KexaoneError, match=r"a\.jsonl line 1: duplicate id 'p0' \(first used at a\.jsonl line 1\)"
+    ):
+        load_prompt_set([a, a])

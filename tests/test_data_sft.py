@@ -54,6 +54,9 @@ def test_load_from_every_local_source(tmp_path):
         assert isinstance(ds, datasets.Dataset) and len(ds) == n, source
         assert ds[1]["messages"] == ROWS[1]["messages"]
     assert load_chat_dataset(str(jsonl))[1]["enable_thinking"] is False
+    assert len(load_chat_dataset([jsonl, str(parquet), folder])) == 25
+    with pytest.raises(KexaoneError, match="list of files is empty"):
+        load_chat_dataset([])
     with pytest.raises(KexaoneError, match="no split 'test'"):
         load_chat_dataset(dict_disk, split="test")
 

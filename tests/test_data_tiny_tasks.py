@@ -13,6 +13,7 @@ from kexaone_align.data.tiny_tasks import (
     Problem,
     generate_preference_prompts,
     generate_rl_prompts,
+    generate_rows,
     generate_sft_rows,
     worked_steps,
     write_tiny_dataset,
@@ -201,3 +202,17 @@ def test_write_tiny_dataset_writes_loadable_jsonl(tmp_path):
     assert all(isinstance(r.reference, dict) for r in pref)
     with pytest.raises(KexaoneError, match="unknown file"):
         write_tiny_dataset(tmp_path, seed=5, sizes={"nope": 1})
+
+
+def test_generate_rows_serves_each_stage_from_a_recipe_name():
+    sft = generate_rows("tiny_arithmetic", "sft", 5, 0, answer_noise=0.0)
+    assert sft == generate_sft_rows(5, 0, answer_noise=0.0)
+    rl = generate_rows("tiny_arithmetic", "agapo", 4, 0, "heldout", reasoning_fraction=0.0)
+    assert rl == generate_rl_prompts(4, 0, "heldout", reasoning_fraction=0.0)
+    assert generate_rows("tiny_arithmetic", "grouper", 3, 1) == generate_preference_prompts(3, 1)
+    with pytest.raises(KexaoneError, match="does not take colour; it takes: reasoning_fraction"):
+        generate_rows("tiny_arithmetic", "agapo", 2, 0, colour="red")
+    with pytest.raises(KexaoneError, match="unknown data generator 'gsm8k'"):
+        generate_rows("gsm8k", "sft", 2, 0)
+    with pytest.raises(KexaoneError, match="no data for stage 'dpo'"):
+        generate_rows("tiny_arithmetic", "dpo", 2, 0)

@@ -117,9 +117,13 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 raise _bad(where, f"is not valid JSON ({exc.msg})") from None
 
 
-def _raw_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, Any]]:
+def _raw_rows(source: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, Path)) for s in source):
+        for one in source:
+            yield from _raw_rows(one)
+        return
     if isinstance(source, (str, Path)):
-        path = Path(source)
+        path = Path(source).expanduser()
         if not path.is_file():
             raise KexaoneError(f"prompt set {str(path)!r} does not exist or is not a file")
         if path.suffix == ".jsonl":
@@ -145,8 +149,12 @@ def _raw_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> Iterator[tupl
             yield f"row {i}", raw
 
 
-def load_prompt_set(path_or_rows: str | Path | Iterable[Mapping[str, Any]]) -> list[PromptRow]:
-    """Load and validate a prompt set from ``.jsonl``/``.json``/``.parquet`` or from in-memory rows.
+def load_prompt_set(
+    path_or_rows: str | Path | Sequence[str | Path] | Iterable[Mapping[str, Any]],
+) -> list[PromptRow]:
+    """Load and validate a prompt set from ``.jsonl``/``.json``/``.parquet`` files or in-memory rows.
+
+    A list of files (a recipe's ``train_files``) is read in order; ids must be unique across all of them.
 
     Every row needs ``messages`` (or ``prompt``) and ``task``; ids must be unique. Unknown top-level
     fields are kept in ``metadata``.

@@ -99,14 +99,24 @@ def _validated(ds: datasets.Dataset, name: str) -> datasets.Dataset:
     return ds
 
 
+def _is_path_list(source: Any) -> bool:
+    return isinstance(source, (list, tuple)) and all(isinstance(s, (str, Path)) for s in source)
+
+
 def load_chat_dataset(
-    source: str | Path | Sequence[Mapping[str, Any]], *, split: str = "train"
+    source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, Any]], *, split: str = "train"
 ) -> datasets.Dataset:
     """Load conversations from a JSONL/JSON/Parquet file, a ``save_to_disk`` folder, rows, or a hub name.
+
+    A list of such sources (a recipe's ``train_files``) is loaded in order and concatenated.
 
     Every row is validated (roles system/user/assistant/tool, string contents, at least one assistant
     turn); errors name the row. A hub name needs network access; offline, the error says so.
     """
+    if _is_path_list(source):
+        if not source:
+            raise KexaoneError("chat dataset: the list of files is empty")
+        return datasets.concatenate_datasets([load_chat_dataset(s, split=split) for s in source])
     if not isinstance(source, (str, Path)):
         return _from_rows((f"row {i}", row) for i, row in enumerate(source))
     path = Path(source).expanduser()

@@ -45,13 +45,15 @@ instructions, ``task: "ifeval"``, with an IFEval-style reference ``{"instruction
 one of a few short words), so the ``ifeval`` verifier scores compliance by rule. The arithmetic answer is
 kept in ``metadata["math_reference"]`` for rewards that also check correctness.
 
-``write_tiny_dataset(out_dir, seed)`` writes all of these as JSONL files plus a ``manifest.json``.
+``write_tiny_dataset(out_dir, seed)`` writes all of these as JSONL files plus a ``manifest.json``;
+``generate_rows("tiny_arithmetic", stage, ...)`` serves a recipe's ``data.generator`` for one stage.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import random
 from collections.abc import Iterator
@@ -353,3 +355,46 @@ def write_tiny_dataset(
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     paths["manifest"] = manifest_path
     return paths
+
+
+_STAGE_GENERATORS = {
+    "sft": generate_sft_rows,
+    "agapo": generate_rl_prompts,
+    "grouper": generate_preference_prompts,
+}
+GENERATOR_NAMES = ("tiny_arithmetic",)
+
+
+def generate_rows(
+    generator: str,
+    stage: str,
+    n: int,
+    seed: int,
+    split: str = "train",
+    *,
+    reasoning_fraction: float | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Rows for ``stage`` (``sft``, ``agapo`` or ``grouper``) from the offline generator named in a recipe.
+
+    ``reasoning_fraction=None`` keeps the stage's own default; ``options`` are the generator's keyword
+    arguments (for example ``answer_noise`` for SFT), and an unknown one is a user error naming the
+    accepted ones.
+    """
+    if generator not in GENERATOR_NAMES:
+        raise KexaoneError(f"unknown data generator {generator!r} (known: {', '.join(GENERATOR_NAMES)})")
+    fn = _STAGE_GENERATORS.get(stage)
+    if fn is None:
+        raise KexaoneError(
+            f"generator {generator!r} has no data for stage {stage!r} (has: sft, agapo, grouper)"
+        )
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("n", "seed", "split")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise KexaoneError(
+            f"generator {generator!r} ({stage}) does not take {', '.join(unknown)}; "
+            f"it takes: {', '.join(accepted)}"
+        )
+    if reasoning_fraction is not None:
+        options["reasoning_fraction"] = reasoning_fraction
+    return fn(n, seed, split=split, **options)
