@@ -1,0 +1,585 @@
+"""The learner: one DeepSpeed engine over the full MoE policy, one data-parallel rank.
+
+``Learner`` is plain Python (usable in-process for tests and single-process runs); ``LearnerActor``
+is the same class wrapped by ``ray.remote`` on first use. N learners form one torch.distributed
+group (gloo on CPU, NCCL on GPU) and DeepSpeed all-reduces their gradients.
+
+One ``train_step`` is one optimizer step. The rank's rows are cut into micro-batches by a padded
+token budget; every micro-batch's loss is weighted by its share of the *global* loss weight
+(loss tokens or sequences, summed over all ranks), so N learners over a split batch take the same
+step as one learner over the whole batch. Ranks with fewer micro-batches run zero-weight dummy
+ones, because ZeRO-3 gathers parameters collectively in every forward and backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.batching import plan_micro_batches, take, validate_batch
+from kexaone_align.runtime.lr_schedules import SCHEDULES, lr_multiplier_fn
+
+if not torch.cuda.is_available():  # DeepSpeed reads this when it first picks an accelerator
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+LossFn = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Any]]]
+DS_TAG = "deepspeed"
+
+
+@dataclass
+class LearnerConfig:
+    """Everything a learner needs besides the model path (plain dataclass: picklable for Ray)."""
+
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16
+    backend: str = "gloo"  # gloo (CPU) | nccl (GPU)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    lr_schedule: str = "constant"  # constant | cosine | wsd
+    warmup_steps: int = 0
+    stable_steps: int = 0  # wsd only
+    decay_steps: int = 0  # cosine and wsd
+    min_lr_ratio: float = 0.0
+    micro_batch_tokens: int = 4096  # padded tokens per micro-batch (forward + backward)
+    gradient_checkpointing: bool = False
+    freeze_router: bool = True
+    aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; 0 (off) for RL
+    loss_aggregation: str = "tokens"  # how micro-batch losses combine: tokens | sequences
+    logprob_chunk_size: int = 1024  # tokens per chunk of the LM-head projection
+    zero3_init: bool = True  # ZeRO-3: build the model already partitioned (deepspeed.zero.Init)
+    seed: int = 0
+    ds_config_overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged into the DS config
+
+    def validate(self) -> None:
+        """Raise ``KexaoneError`` naming the first bad field."""
+        checks = [
+            (self.zero_stage in (2, 3), f"zero_stage must be 2 or 3, got {self.zero_stage}"),
+            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.backend in ("gloo", "nccl"), f"backend must be gloo or nccl, got {self.backend!r}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"bad betas {self.betas}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (
+                self.lr_schedule in SCHEDULES,
+                f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}",
+            ),
+            (self.micro_batch_tokens >= 1, f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}"),
+            (self.aux_loss_coef >= 0, f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}"),
+            (
+                self.loss_aggregation in ("tokens", "sequences"),
+                f"loss_aggregation must be tokens or sequences, got {self.loss_aggregation!r}",
+            ),
+            (self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KexaoneError(f"LearnerConfig: {message}")
+        self.lr_multiplier()  # validates the schedule's step counts
+
+    def lr_multiplier(self) -> Callable[[int], float]:
+        """The LR schedule as a function of the optimizer step."""
+        return lr_multiplier_fn(
+            self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            stable_steps=self.stable_steps,
+            decay_steps=self.decay_steps,
+            min_ratio=self.min_lr_ratio,
+        )
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``config`` (micro-batching is ours, so DS sees batch 1, GAS 1)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(config.grad_clip),
+        "zero_optimization": {
+            "stage": config.zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+        },
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW runs on CPU and GPU alike
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, config.ds_config_overrides)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for the torch.distributed rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _token_logprobs_fn() -> Callable[..., Tensor]:
+    try:
+        from kexaone_align.algorithms.logprobs import chunked_token_logprobs
+
+        return chunked_token_logprobs
+    except ImportError:  # pragma: no cover - only before the algorithms package lands
+
+        def fallback(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int = 1024) -> Tensor:
+            logits = (hidden @ weight.t()).float()
+            return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+        return fallback
+
+
+class TokenLogprobModel(nn.Module):
+    """Wraps the causal LM so one forward gives per-token log-probs ``[N, T]`` (and the MoE aux loss).
+
+    ``out[i, t] = log p(input_ids[i, t] | input_ids[i, :t])`` where ``target_mask[i, t]`` is set, else 0
+    (column 0 has no prediction). Only the selected positions go through the LM head, in chunks,
+    so the full ``[tokens, vocab]`` logits never exist. Under ZeRO-3 the LM-head weight is used
+    outside ``lm_head.forward``, so it is registered as an external parameter of this module.
+    """
+
+    def __init__(self, policy: nn.Module, *, chunk_size: int, zero3: bool) -> None:
+        super().__init__()
+        self.policy = policy
+        self.chunk_size = chunk_size
+        self._logprobs = _token_logprobs_fn()
+        if zero3:
+            from deepspeed.zero import register_external_parameter
+
+            register_external_parameter(self, policy.lm_head.weight)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, with_aux: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        out = self.policy.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_router_logits=with_aux,
+        )
+        hidden = out.last_hidden_state
+        select = target_mask[:, 1:].bool()
+        picked = self._logprobs(
+            hidden[:, :-1][select],
+            self.policy.lm_head.weight,
+            input_ids[:, 1:][select],
+            chunk_size=self.chunk_size,
+        )
+        shifted = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
+            select, picked.float()
+        )
+        logprobs = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)
+        aux = None
+        if with_aux:
+            aux = self._aux_loss(out.router_logits, attention_mask)
+        return logprobs, aux
+
+    def _aux_loss(self, router_logits: tuple[Tensor, ...] | None, attention_mask: Tensor) -> Tensor:
+        """Switch-style load-balancing loss over the MoE layers (transformers' Mixtral formulation)."""
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        if not router_logits:
+            raise KexaoneError("aux_loss_coef > 0 but the model returned no router logits (is it an MoE?)")
+        cfg = self.policy.config
+        return load_balancing_loss_func(
+            tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask
+        )
+
+
+def _param_numel(param: Tensor) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _to_float(value: Any) -> float:
+    return float(value.detach().float().item()) if isinstance(value, Tensor) else float(value)
+
+
+class Learner:
+    """One data-parallel rank of the policy learner (see the module docstring)."""
+
+    def __init__(self, model_path: str | Path, config: LearnerConfig) -> None:
+        config.validate()
+        self.model_path = str(model_path)
+        self.config = config
+        self.engine = None
+        self.rank = 0
+        self.world_size = 1
+        self.steps = 0
+        self.frozen_parameters: list[str] = []
+
+    # ----------------------------------------------------------------------------------- set-up
+    def node_info(self) -> dict[str, Any]:
+        """Where this learner runs and a free port there (the launcher picks rank 0's as master)."""
+        try:
+            import ray
+
+            node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        except ImportError:  # pragma: no cover
+            node_id, ip = None, "127.0.0.1"
+        return {"node_id": node_id, "ip": ip, "port": free_port(), "pid": os.getpid()}
+
+    def setup(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+    ) -> dict[str, Any]:
+        """Join the process group, load the policy and build the DeepSpeed engine. Returns a summary."""
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        cfg = self.config
+        if cfg.backend == "nccl" and not torch.cuda.is_available():
+            raise KexaoneError("LearnerConfig.backend is 'nccl' but no CUDA device is visible")
+        self.rank, self.world_size = rank, world_size
+        self._init_distributed(rank, world_size, master_addr, master_port or free_port())
+        torch.manual_seed(cfg.seed)
+        ds_config = deepspeed_config(cfg)
+        policy = self._load_policy(ds_config)
+        if cfg.freeze_router:
+            from kexaone_align.models import freeze_router
+
+            self.frozen_parameters = freeze_router(policy).parameter_names
+        self.policy = policy
+        module = TokenLogprobModel(policy, chunk_size=cfg.logprob_chunk_size, zero3=cfg.zero_stage == 3)
+        optimizer = torch.optim.AdamW(
+            self._param_groups(policy), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_multiplier())
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            dist_init_required=False,
+        )
+        self.device = self.engine.device
+        trainable = sum(_param_numel(p) for p in policy.parameters() if p.requires_grad)
+        total = sum(_param_numel(p) for p in policy.parameters())
+        return {"rank": rank, "world_size": world_size, "trainable_params": trainable, "total_params": total}
+
+    def _init_distributed(self, rank: int, world_size: int, addr: str, port: int) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            if dist.get_world_size() != world_size or dist.get_rank() != rank:
+                raise KexaoneError(
+                    f"this process already belongs to a process group of {dist.get_world_size()} "
+                    f"(rank {dist.get_rank()}); cannot join as rank {rank} of {world_size}"
+                )
+            deepspeed.init_distributed(
+                dist_backend=self.config.backend, auto_mpi_discovery=False, verbose=False
+            )
+            return
+        if self.config.backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(
+            dist_backend=self.config.backend,
+            auto_mpi_discovery=False,
+            init_method=f"tcp://{addr}:{port}",
+            rank=rank,
+            world_size=world_size,
+            verbose=False,
+        )
+
+    def _load_policy(self, ds_config: dict[str, Any]) -> nn.Module:
+        from kexaone_align.models import load_policy
+
+        cfg = self.config
+        dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
+        device = f"cuda:{torch.cuda.current_device()}" if cfg.backend == "nccl" else "cpu"
+        if cfg.zero_stage == 3 and cfg.zero3_init:
+            # While an HfDeepSpeedConfig with stage 3 is alive, from_pretrained builds the model inside
+            # deepspeed.zero.Init: each rank only ever holds its shard (the 236B model needs this).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        return load_policy(
+            self.model_path, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing
+        )
+
+    def _param_groups(self, policy: nn.Module) -> list[dict[str, Any]]:
+        """Weight decay on matrices only (not on norms, biases or other vectors)."""
+        decay, no_decay = [], []
+        for param in policy.parameters():
+            if not param.requires_grad:
+                continue
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (decay if ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def _require_engine(self):
+        if self.engine is None:
+            raise KexaoneError("Learner.setup() must run before training, saving or loading")
+        return self.engine
+
+    # ---------------------------------------------------------------------------------- training
+    def _loss_weight(self, micro: dict[str, Tensor]) -> float:
+        if self.config.loss_aggregation == "sequences":
+            return float(micro["input_ids"].shape[0])
+        return float(micro["loss_mask"].sum())
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _dummy_micro_batch(self) -> dict[str, Tensor]:
+        """Two pad tokens, nothing to predict: keeps ZeRO-3's collectives in step on a short rank."""
+        pad = int(getattr(self.policy.config, "pad_token_id", 0) or 0)
+        ids = torch.full((1, 2), pad, dtype=torch.long, device=self.device)
+        ones = torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": ones, "loss_mask": torch.zeros_like(ids)}
+
+    def _micro_batches(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        rows = validate_batch(batch) if batch["input_ids"].numel() else 0
+        if rows == 0:
+            return []
+        batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+        return [
+            take(batch, m)
+            for m in plan_micro_batches(batch["attention_mask"], self.config.micro_batch_tokens)
+        ]
+
+    def train_step(self, batch: dict[str, Tensor], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on this rank's rows; every rank of the group must call it together.
+
+        ``loss_fn(token_logprobs [n, t], micro_batch) -> (loss, metrics)`` sees one micro-batch at a
+        time; its loss should be a mean over the micro-batch's loss tokens (``loss_aggregation=
+        "tokens"``) or sequences (``"sequences"``), so that the weighted sum is the batch mean.
+        """
+        engine = self._require_engine()
+        if not callable(loss_fn):
+            raise KexaoneError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        started = time.perf_counter()
+        micros = self._micro_batches(batch)
+        weights = [self._loss_weight(m) for m in micros]
+        local_weight = sum(weights)
+        (num_steps,) = self._all_reduce([float(len(micros))], "max")
+        local_rows = float(sum(m["input_ids"].shape[0] for m in micros))
+        global_weight, global_rows = self._all_reduce([local_weight, local_rows], "sum")
+        normaliser = global_weight if global_weight > 0 else 1.0
+        lr = float(engine.get_lr()[0])
+        with_aux = self.config.aux_loss_coef > 0
+        engine.train()
+        loss_sum, aux_sum = 0.0, 0.0
+        metric_sums: dict[str, float] = {}
+        for i in range(int(num_steps)):
+            real = i < len(micros)
+            micro = micros[i] if real else self._dummy_micro_batch()
+            engine.set_gradient_accumulation_boundary(i == int(num_steps) - 1)
+            logprobs, aux = engine(micro["input_ids"], micro["attention_mask"], micro["loss_mask"], with_aux)
+            if real:
+                loss, metrics = loss_fn(logprobs, micro)
+                share = weights[i] / normaliser
+                total = loss * share
+                if with_aux:
+                    total = total + self.config.aux_loss_coef * aux * share
+                    aux_sum += _to_float(aux) * share
+                loss_sum += _to_float(loss) * share
+                for key, value in (metrics or {}).items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + _to_float(value) * weights[i]
+            else:
+                total = logprobs.sum() * 0.0 + (aux * 0.0 if aux is not None else 0.0)
+            # DeepSpeed averages gradients over ranks; undo that, our shares already sum to 1 globally.
+            engine.backward(total * self.world_size, scale_wrt_gas=False)
+        engine.step()
+        self.steps += 1
+        elapsed = time.perf_counter() - started
+        global_loss, global_aux = self._all_reduce([loss_sum, aux_sum], "sum")
+        tokens = float(sum(float(m["attention_mask"].sum()) for m in micros))
+        grad_norm = engine.get_global_grad_norm()
+        out = {
+            "loss": global_loss,
+            "grad_norm": _to_float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": lr,
+            "learner_tokens": tokens,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "loss_weight": local_weight,
+            "micro_batches": float(len(micros)),
+            "step_time_s": elapsed,
+            "global_rows": global_rows,
+        }
+        if with_aux:
+            out["aux_loss"] = global_aux
+        for key, value in metric_sums.items():
+            out[f"loss/{key}"] = value / local_weight if local_weight > 0 else 0.0
+        return out
+
+    @torch.no_grad()
+    def forward_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-token log-probs ``[N, T]`` (CPU, fp32) at ``loss_mask`` positions (all real tokens if absent).
+
+        No gradient, eval mode. Under ZeRO-3 every rank must call it together.
+        """
+        engine = self._require_engine()
+        batch = dict(batch)
+        if "loss_mask" not in batch:
+            batch["loss_mask"] = batch["attention_mask"]
+        n, t = batch["input_ids"].shape
+        result = torch.zeros((n, t), dtype=torch.float32)
+        plan = plan_micro_batches(batch["attention_mask"], self.config.micro_batch_tokens) if n else []
+        on_device = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+        (num_steps,) = self._all_reduce([float(len(plan))], "max")
+        engine.eval()
+        for i in range(int(num_steps)):
+            micro = take(on_device, plan[i]) if i < len(plan) else self._dummy_micro_batch()
+            logprobs, _ = engine(micro["input_ids"], micro["attention_mask"], micro["loss_mask"], False)
+            if i < len(plan):
+                rows = torch.as_tensor(plan[i].rows, dtype=torch.long)
+                result[rows, plan[i].start : plan[i].stop] = logprobs.float().cpu()
+        engine.train()
+        return result
+
+    # ------------------------------------------------------------------------------ weights out
+    def _state_entries(self) -> list[tuple[str, Tensor]]:
+        """HF state-dict names with their (possibly ZeRO-3-partitioned) tensors, state-dict order."""
+        return list(self.policy.state_dict(keep_vars=True).items())
+
+    def _bucket_plan(self, bucket_bytes: int) -> list[list[int]]:
+        if bucket_bytes < 1:
+            raise KexaoneError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        plan: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for index, (_, tensor) in enumerate(self._state_entries()):
+            size = _param_numel(tensor) * tensor.element_size()
+            if current and used + size > bucket_bytes:
+                plan.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += size
+        if current:
+            plan.append(current)
+        return plan
+
+    def state_dict_num_buckets(self, bucket_bytes: int) -> int:
+        """How many buckets ``state_dict_bucket`` serves at this bucket size."""
+        self._require_engine()
+        return len(self._bucket_plan(bucket_bytes))
+
+    def state_dict_bucket(self, index: int, bucket_bytes: int) -> list[tuple[str, Tensor]]:
+        """Bucket ``index`` of full (unsharded) CPU tensors; under ZeRO-3 all ranks must call it together.
+
+        Only this bucket's parameters are gathered, so peak extra memory is one bucket (a tensor
+        larger than ``bucket_bytes`` gets a bucket of its own).
+        """
+        self._require_engine()
+        plan = self._bucket_plan(bucket_bytes)
+        if not 0 <= index < len(plan):
+            raise KexaoneError(f"state-dict bucket {index} out of range (0..{len(plan) - 1})")
+        entries = self._state_entries()
+        chosen = [entries[i] for i in plan[index]]
+        partitioned = list({id(t): t for _, t in chosen if hasattr(t, "ds_id")}.values())
+        gather = contextlib.nullcontext()
+        if partitioned:
+            from deepspeed.zero import GatheredParameters
+
+            gather = GatheredParameters(partitioned, modifier_rank=None)
+        with gather:
+            return [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in chosen]
+
+    def state_dict_stream(self, bucket_bytes: int = 1 << 28) -> Iterator[list[tuple[str, Tensor]]]:
+        """Yield the full policy state dict bucket by bucket (in-process use; Ray uses the two above)."""
+        for index in range(self.state_dict_num_buckets(bucket_bytes)):
+            yield self.state_dict_bucket(index, bucket_bytes)
+
+    # ------------------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> str:
+        """DeepSpeed checkpoint (weights, optimizer, LR scheduler) of all ranks into ``directory``."""
+        engine = self._require_engine()
+        engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"learner_steps": self.steps})
+        return str(directory)
+
+    def load(self, directory: str | Path) -> int:
+        """Restore what ``save`` wrote; returns the learner step count stored with it."""
+        engine = self._require_engine()
+        if not (Path(directory) / DS_TAG).is_dir():
+            raise KexaoneError(f"no learner checkpoint at {directory} (expected a '{DS_TAG}' folder)")
+        path, client_state = engine.load_checkpoint(str(directory), tag=DS_TAG)
+        if path is None:
+            raise KexaoneError(f"DeepSpeed could not load the learner checkpoint in {directory}")
+        self.steps = int((client_state or {}).get("learner_steps", 0))
+        return self.steps
+
+    def export_hf(self, directory: str | Path, tokenizer_path: str | Path | None = None) -> str | None:
+        """Write the full policy with ``save_pretrained`` (rank 0 writes; under ZeRO-3 all ranks call)."""
+        state: dict[str, Tensor] = {}
+        for bucket in self.state_dict_stream(1 << 28):
+            if self.rank == 0:
+                state.update(bucket)
+        if self.rank != 0:
+            return None
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(directory, state_dict=state)
+        if tokenizer_path is not None:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(tokenizer_path)).save_pretrained(directory)
+        return str(directory)
+
+    def describe(self) -> dict[str, Any]:
+        """Config and progress, for logs."""
+        return {
+            "config": asdict(self.config),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "steps": self.steps,
+        }
+
+
+_ACTOR_CLASS = None
+
+
+def learner_actor_class():
+    """``ray.remote(Learner)``, created on first use so importing this module never needs Ray."""
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        _ACTOR_CLASS = ray.remote(Learner)
+    return _ACTOR_CLASS
+
+
+def __getattr__(name: str):
+    if name == "LearnerActor":
+        return learner_actor_class()
+    raise AttributeError(name)
