@@ -169,7 +169,7 @@ class TokenLogprobModel(nn.Module):
         self.chunk_size = chunk_size
         self._logprobs = _token_logprobs_fn()
         if zero3:
-            from deepspeed.zero import register_external_parameter
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
             register_external_parameter(self, policy.lm_head.weight)
 
@@ -301,6 +301,9 @@ class Learner:
                 dist_backend=self.config.backend, auto_mpi_discovery=False, verbose=False
             )
             return
+        # DeepSpeed reads these; each Ray actor sees only its own GPU, hence LOCAL_RANK 0 by default.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
+        os.environ.setdefault("LOCAL_RANK", "0")
         if self.config.backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(
@@ -510,7 +513,7 @@ class Learner:
         partitioned = list({id(t): t for _, t in chosen if hasattr(t, "ds_id")}.values())
         gather = contextlib.nullcontext()
         if partitioned:
-            from deepspeed.zero import GatheredParameters
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
             gather = GatheredParameters(partitioned, modifier_rank=None)
         with gather:
