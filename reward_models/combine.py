@@ -78,7 +78,10 @@ class RewardCombiner:
     def from_config(
         cls, config: Mapping[str, Any], *, judges: Mapping[str, Verifier] | None = None
     ) -> RewardCombiner:
-        """From ``{task: {components: [{name, weight}], gates: [{name, threshold}]}}`` (``default`` as a task)."""
+        """Build from ``{task: {components: [{name, weight}], gates: [{name, threshold}]}}``.
+
+        A task named ``default`` applies to tasks not listed.
+        """
         specs: dict[str, CombinationSpec] = {}
         for task, raw in config.items():
             if not isinstance(raw, Mapping) or "components" not in raw:

@@ -153,7 +153,7 @@ class RubricJudge:
         return self._failed(len(errors), errors)
 
     def score_batch(self, samples: Sequence[Sample]) -> list[VerifyResult]:
-        """Rewards for many samples: whole rounds for batching backends, else up to ``max_concurrency`` threads."""
+        """Rewards in order: whole rounds for batching backends, else ``max_concurrency`` threads."""
         if not samples:
             return []
         if getattr(self.backend, "batched", False) and callable(

@@ -78,7 +78,8 @@ class Rubric:
             raise KexaoneError(f"rubric {self.name!r} repeats dimension name(s): {', '.join(dupes)}")
         if not float(self.scale_min) < float(self.scale_max):
             raise KexaoneError(
-                f"rubric {self.name!r}: scale_min ({self.scale_min}) must be below scale_max ({self.scale_max})"
+                f"rubric {self.name!r}: scale_min ({self.scale_min}) must be below "
+                f"scale_max ({self.scale_max})"
             )
         object.__setattr__(self, "dimensions", dims)
         if not self.template:

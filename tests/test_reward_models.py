@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 
 import pytest
-
-from kexaone_align.errors import KexaoneError
 from kexaone_align.reward_models import (
     BUILTIN_RUBRICS,
     BackendError,
@@ -22,6 +21,8 @@ from kexaone_align.reward_models import (
     parse_scores,
 )
 from kexaone_align.verifiers import Sample, VerifyResult, register_verifier
+
+from kexaone_align.errors import KexaoneError
 
 RUBRIC = Rubric(
     (RubricDimension("helpfulness", "helps", 3.0), RubricDimension("safety", "safe", 1.0)),
@@ -62,7 +63,9 @@ class ScriptedBackend:
 
 
 def sample(response: str = "an answer", task: str = "chat", **meta) -> Sample:
-    return Sample(prompt=[{"role": "user", "content": "Explain X."}], response=response, task=task, metadata=meta)
+    return Sample(
+        prompt=[{"role": "user", "content": "Explain X."}], response=response, task=task, metadata=meta
+    )
 
 
 # -- rubrics ---------------------------------------------------------------------------------------------
@@ -159,7 +162,9 @@ def test_parse_out_of_range_is_not_clamped():
     assert parsed.out_of_range == {"helpfulness": 85.0} and parsed.missing == ["helpfulness"]
 
 
-@pytest.mark.parametrize("garbage", ["", "   ", "I think it is good.", "{not json", "helpfulness: great", "ÿ" * 5000])
+@pytest.mark.parametrize(
+    "garbage", ["", "   ", "I think it is good.", "{not json", "helpfulness: great", "ÿ" * 5000]
+)
 def test_parse_garbled_raises_parse_failure(garbage):
     with pytest.raises(ParseFailure):
         parse_scores(garbage, RUBRIC)
@@ -176,7 +181,9 @@ def test_judge_scores_and_sends_rendered_rubric():
     judge = RubricJudge(backend, RUBRIC)
     result = judge.score(sample("RESPONSE-TEXT"))
     assert result.reward == pytest.approx(0.75)
-    assert result.details["scores"] == {"helpfulness": 10.0, "safety": 1.0} and result.details["attempts"] == 1
+    assert (
+        result.details["scores"] == {"helpfulness": 10.0, "safety": 1.0} and result.details["attempts"] == 1
+    )
     assert "RESPONSE-TEXT" in backend.calls[0][-1]["content"]
     assert judge.stats.as_dict()["parse_failures"] == 0
 
@@ -217,7 +224,9 @@ def test_judge_timeout_then_retry_succeeds():
 
 
 def test_judge_stops_retrying_on_permanent_backend_error():
-    backend = ScriptedBackend([BackendError("HTTP 401", retryable=False), '{"helpfulness": 10, "safety": 10}'])
+    backend = ScriptedBackend(
+        [BackendError("HTTP 401", retryable=False), '{"helpfulness": 10, "safety": 10}']
+    )
     judge = RubricJudge(backend, RUBRIC, retries=3)
     result = judge.score(sample())
     assert result.reward == 0.0 and "401" in result.details["reason"] and len(backend.calls) == 1
@@ -226,10 +235,12 @@ def test_judge_stops_retrying_on_permanent_backend_error():
 
 
 def test_judge_batch_threads_keep_order_and_count_failures():
-    script = ['{"helpfulness": %d, "safety": %d}' % (i % 10 + 1, i % 10 + 1) for i in range(12)]
+    script = [json.dumps({"helpfulness": i % 10 + 1, "safety": i % 10 + 1}) for i in range(12)]
     script[5] = "garbled"
     backend = ScriptedBackend(script)
-    judge = RubricJudge(backend, RUBRIC, retries=0, max_concurrency=1)  # one thread: script order == sample order
+    judge = RubricJudge(
+        backend, RUBRIC, retries=0, max_concurrency=1
+    )  # one thread: script order == sample order
     results = judge.score_batch([sample(f"r{i}") for i in range(12)])
     assert [r.reward for r in results] == [0.0 if i == 5 else (i % 10) / 9 for i in range(12)]
     assert results[5].details["failed"] and judge.stats.parse_failures == 1
@@ -237,7 +248,12 @@ def test_judge_batch_threads_keep_order_and_count_failures():
 
 def test_judge_batched_backend_retries_only_failed_items():
     backend = ScriptedBackend(
-        ['{"helpfulness": 10, "safety": 10}', "bad", '{"helpfulness": 1, "safety": 1}', '{"helpfulness": 10}'],
+        [
+            '{"helpfulness": 10, "safety": 10}',
+            "bad",
+            '{"helpfulness": 1, "safety": 1}',
+            '{"helpfulness": 10}',
+        ],
         batched=True,
     )
     judge = RubricJudge(backend, RUBRIC, retries=1, min_coverage=0.7)
@@ -305,7 +321,12 @@ def test_combiner_from_config_with_named_judge_and_errors(rule_names):
     fmt, length = rule_names
     judge = RubricJudge(ScriptedBackend([]), RUBRIC)
     combiner = RewardCombiner.from_config(
-        {"chat": {"components": [{"name": "helpful_judge", "weight": 1}], "gates": [{"name": fmt, "threshold": 0.5}]}},
+        {
+            "chat": {
+                "components": [{"name": "helpful_judge", "weight": 1}],
+                "gates": [{"name": fmt, "threshold": 0.5}],
+            }
+        },
         judges={"helpful_judge": judge},
     )
     assert combiner.score(sample("fine.")).reward == 1.0
@@ -327,6 +348,8 @@ def test_combiner_isolates_a_raising_verifier(rule_names):
     def _boom(s: Sample) -> float:
         raise RuntimeError("bug in verifier")
 
-    result = RewardCombiner({"chat": CombinationSpec([(boom, 1.0), (length, 1.0)])}).score(sample("0123456789"))
+    result = RewardCombiner({"chat": CombinationSpec([(boom, 1.0), (length, 1.0)])}).score(
+        sample("0123456789")
+    )
     assert result.reward == pytest.approx(0.5)
     assert "bug in verifier" in result.details["components"][boom]["details"]["error"]

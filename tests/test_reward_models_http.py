@@ -19,11 +19,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from kexaone_align.errors import KexaoneError
-from kexaone_align.reward_models import BackendError, OpenAICompatibleBackend, Rubric, RubricDimension, RubricJudge
+from kexaone_align.reward_models import (
+    BackendError,
+    OpenAICompatibleBackend,
+    Rubric,
+    RubricDimension,
+    RubricJudge,
+)
 from kexaone_align.reward_models.backends.http import chat_completions_url
 from kexaone_align.verifiers import Sample
+
+from kexaone_align.errors import KexaoneError
 
 RUBRIC = Rubric((RubricDimension("helpfulness", "helps"), RubricDimension("safety", "safe")), name="t")
 GOOD = '{"helpfulness": 10, "safety": 10}'
@@ -126,7 +132,9 @@ def test_url_normalisation_and_bad_url():
 def test_round_trip_sends_openai_payload_and_key(server):
     server.script = [("ok", "hello judge")]
     with backend(server, api_key="sk-test", extra_body={"seed": 7}) as b:
-        assert b.complete([{"role": "user", "content": "hi"}], max_tokens=33, temperature=0.5) == "hello judge"
+        assert (
+            b.complete([{"role": "user", "content": "hi"}], max_tokens=33, temperature=0.5) == "hello judge"
+        )
     body = server.requests[0]
     assert body["model"] == "judge-model" and body["messages"] == [{"role": "user", "content": "hi"}]
     assert (body["max_tokens"], body["temperature"], body["seed"], body["stream"]) == (33, 0.5, 7, False)
@@ -225,18 +233,27 @@ def transformers_server(tmp_path_factory):
     cli = Path(sys.executable).parent / "transformers"
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if not cli.exists() or missing:
-        pytest.skip(f"`transformers serve` unavailable (cli at {cli}: {cli.exists()}; missing {missing}); "
-                    "install transformers[serving]")
+        pytest.skip(
+            f"`transformers serve` unavailable (cli at {cli}: {cli.exists()}; missing {missing}); "
+            "install transformers[serving]"
+        )
     from test_reward_models_tiny_kit import save_tiny_causal_lm
 
     root = tmp_path_factory.mktemp("serve")
     model_dir = save_tiny_causal_lm(root / "tiny-judge")
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "TOKENIZERS_PARALLELISM": "false"}
-    log = open(root / "serve.log", "w")  # noqa: SIM115 - closed in teardown
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(root / "hf"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    log = open(root / "serve.log", "w")  # closed in teardown
     proc = subprocess.Popen(
         [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -250,7 +267,9 @@ def transformers_server(tmp_path_factory):
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"transformers serve not healthy in 120 s:\n{(root / 'serve.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"transformers serve not healthy in 120 s:\n{(root / 'serve.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield url, str(model_dir)
     finally:

@@ -7,9 +7,6 @@ import sys
 
 import pytest
 import torch
-from test_reward_models_tiny_kit import save_tiny_causal_lm, tiny_causal_lm, tiny_classifier
-
-from kexaone_align.errors import KexaoneError
 from kexaone_align.reward_models import (
     RayJudgeBackend,
     Rubric,
@@ -19,13 +16,20 @@ from kexaone_align.reward_models import (
     TransformersJudgeBackend,
 )
 from kexaone_align.verifiers import Sample
+from test_reward_models_tiny_kit import save_tiny_causal_lm, tiny_causal_lm, tiny_classifier
+
+from kexaone_align.errors import KexaoneError
 
 RUBRIC = Rubric((RubricDimension("quality", "overall quality"),), scale_min=1, scale_max=10, name="q")
 
 
 def samples(n: int) -> list[Sample]:
     return [
-        Sample(prompt=[{"role": "user", "content": f"Q{i}?" * (1 + i % 3)}], response="ok " * (i + 1), task="chat")
+        Sample(
+            prompt=[{"role": "user", "content": f"Q{i}?" * (1 + i % 3)}],
+            response="ok " * (i + 1),
+            task="chat",
+        )
         for i in range(n)
     ]
 
@@ -63,7 +67,9 @@ def test_classifier_loads_from_directory_and_reports_bad_input(tmp_path):
     model.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     from_dir = SequenceClassifierRM(tmp_path / "rm")
-    assert from_dir.score(samples(1)[0]).reward == pytest.approx(SequenceClassifierRM(model, tok).score(samples(1)[0]).reward, abs=1e-5)
+    assert from_dir.score(samples(1)[0]).reward == pytest.approx(
+        SequenceClassifierRM(model, tok).score(samples(1)[0]).reward, abs=1e-5
+    )
     with pytest.raises(KexaoneError, match="does not exist"):
         SequenceClassifierRM(tmp_path / "missing")
     with pytest.raises(KexaoneError, match="no tokenizer"):
@@ -79,7 +85,9 @@ def test_transformers_backend_batched_equals_single_and_judge_counts_garbage():
     chats = [[{"role": "user", "content": "x" * (i + 1)}] for i in range(3)]
     batched = backend.complete_batch(chats, max_tokens=5, temperature=0.0)
     assert all(isinstance(t, str) for t in batched)
-    assert [backend.complete(c, max_tokens=5, temperature=0.0) for c in chats] == batched  # left padding is exact
+    assert [
+        backend.complete(c, max_tokens=5, temperature=0.0) for c in chats
+    ] == batched  # left padding is exact
     judge = RubricJudge(backend, RUBRIC, retries=1, max_tokens=5)
     results = judge.score_batch(samples(3))
     assert [r.reward for r in results] == [0.0] * 3
@@ -92,7 +100,9 @@ def test_transformers_backend_loads_from_directory(tmp_path):
     backend = TransformersJudgeBackend(path)
     model, tok = tiny_causal_lm()
     chat = [{"role": "user", "content": "hello"}]
-    assert backend.complete(chat, max_tokens=4) == TransformersJudgeBackend(model, tok).complete(chat, max_tokens=4)
+    assert backend.complete(chat, max_tokens=4) == TransformersJudgeBackend(model, tok).complete(
+        chat, max_tokens=4
+    )
     with pytest.raises(KexaoneError, match="does not exist"):
         TransformersJudgeBackend(tmp_path / "missing")
 
@@ -101,7 +111,9 @@ def test_importing_reward_models_does_not_import_ray():
     import subprocess
 
     code = "import sys, kexaone_align.reward_models; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "False"
 
 

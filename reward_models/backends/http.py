@@ -152,7 +152,10 @@ class OpenAICompatibleBackend:
         self.close()
 
     def __repr__(self) -> str:
-        return f"OpenAICompatibleBackend({self.url!r}, model={self.model!r}, max_concurrency={self.max_concurrency})"
+        return (
+            f"OpenAICompatibleBackend({self.url!r}, model={self.model!r}, "
+            f"max_concurrency={self.max_concurrency})"
+        )
 
     # -- internals --------------------------------------------------------------------------------------
     def _post(self, payload: dict[str, Any]) -> httpx.Response:
@@ -173,7 +176,8 @@ class OpenAICompatibleBackend:
         except (ValueError, KeyError, IndexError, TypeError):
             self._count("errors")
             raise BackendError(
-                f"judge server at {self.url} sent a reply that is not a chat completion: {response.text[:300]!r}",
+                f"judge server at {self.url} sent a reply that is not a chat completion: "
+                f"{response.text[:300]!r}",
                 retryable=False,
             ) from None
         content = message.get("content") if isinstance(message, dict) else None
