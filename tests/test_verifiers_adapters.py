@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-from kexaone_align.errors import KexaoneError
 from kexaone_align.verifiers import (
     Sample,
     get_verifier,
@@ -14,13 +12,17 @@ from kexaone_align.verifiers import (
     to_unit_interval,
 )
 
+from kexaone_align.errors import KexaoneError
+
 
 def test_trl_reward_function_receives_trl_arguments() -> None:
     seen = {}
 
     def accuracy_reward(prompts, completions, solution, **kwargs):
         seen.update(prompts=prompts, completions=completions, solution=solution, kwargs=kwargs)
-        return [1.0 if c[0]["content"].strip() == s else -1.0 for c, s in zip(completions, solution, strict=True)]
+        return [
+            1.0 if c[0]["content"].strip() == s else -1.0 for c, s in zip(completions, solution, strict=True)
+        ]
 
     register_trl_reward("kx_trl_acc", accuracy_reward, scale="rescale", bounds=(-1.0, 1.0))
     prompt = [{"role": "user", "content": "2+2?"}]
@@ -41,7 +43,11 @@ def test_trl_plain_text_completions_clamp_and_none() -> None:
     v = get_verifier("kx_trl_len")
     assert v.verify(Sample(prompt="p", response="ab")).reward == 0.5
     assert v.verify(Sample(prompt="p", response="abcdefgh")).reward == 1.0  # 2.0 clamped
-    assert v.verify(Sample(prompt="p", response="")).details["reason"].startswith("reward function returned None")
+    assert (
+        v.verify(Sample(prompt="p", response=""))
+        .details["reason"]
+        .startswith("reward function returned None")
+    )
 
 
 def test_verl_compute_score_float_and_dict() -> None:
@@ -56,7 +62,9 @@ def test_verl_compute_score_float_and_dict() -> None:
     register_verl_compute_score("kx_verl", compute_score)
     register_verl_compute_score("kx_verl_dict", compute_score, data_source="dict_source")
     res = get_verifier("kx_verl").verify(
-        Sample(prompt="p", response="x", reference="x", task="gsm8k", metadata={"extra_info": {"split": "test"}})
+        Sample(
+            prompt="p", response="x", reference="x", task="gsm8k", metadata={"extra_info": {"split": "test"}}
+        )
     )
     assert res.reward == 1.0 and calls[-1] == ("gsm8k", {"split": "test", "prompt": "p"})
     res = get_verifier("kx_verl_dict").verify(Sample(prompt="p", response="x", reference="y"))

@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
+from kexaone_align.verifiers import FunctionVerifier, Sample, TaskRouter, VerifyResult, score_batch
 
 from kexaone_align.errors import KexaoneError
-from kexaone_align.verifiers import FunctionVerifier, Sample, TaskRouter, VerifyResult, score_batch
 
 
 def _sample(task: str, response: str = "r", reference=None) -> Sample:
@@ -76,7 +76,9 @@ def test_router_mixes_tasks_and_counts_unrouted() -> None:
 
 
 def test_router_without_mapping_uses_registered_names_and_default() -> None:
-    router = TaskRouter(default=FunctionVerifier("fallback", lambda s: VerifyResult(0.25, {"by": "fallback"})))
+    router = TaskRouter(
+        default=FunctionVerifier("fallback", lambda s: VerifyResult(0.25, {"by": "fallback"}))
+    )
     stem = _sample("stem", "The answer is (C).", "C")
     other = _sample("unknown-task")
     assert router.verify(stem).reward == 1.0

@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import pytest
-
-from kexaone_align.errors import KexaoneError
 from kexaone_align.verifiers import Sample, get_verifier
 from kexaone_align.verifiers.ifeval import CHECKS, IFEvalVerifier
 
+from kexaone_align.errors import KexaoneError
+
 # (instruction id, kwargs, a response that follows it, a response that does not)
 CASES = [
-    ("length_constraints:number_words", {"num_words": 5, "relation": "at least"}, "one two three four five", "one two"),
-    ("length_constraints:number_words", {"num_words": 4, "relation": "less than"}, "just three words", "a b c d e"),
-    ("length_constraints:number_sentences", {"num_sentences": 2, "relation": "less than"}, "Only one.", "A. B. C."),
-    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "First part.\n***\nSecond part.", "One block."),
+    (
+        "length_constraints:number_words",
+        {"num_words": 5, "relation": "at least"},
+        "one two three four five",
+        "one two",
+    ),
+    (
+        "length_constraints:number_words",
+        {"num_words": 4, "relation": "less than"},
+        "just three words",
+        "a b c d e",
+    ),
+    (
+        "length_constraints:number_sentences",
+        {"num_sentences": 2, "relation": "less than"},
+        "Only one.",
+        "A. B. C.",
+    ),
+    (
+        "length_constraints:number_paragraphs",
+        {"num_paragraphs": 2},
+        "First part.\n***\nSecond part.",
+        "One block.",
+    ),
     (
         "length_constraints:nth_paragraph_first_word",
         {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "then"},
@@ -22,7 +42,12 @@ CASES = [
     ),
     ("keywords:existence", {"keywords": ["alpha", "beta"]}, "Alpha and beta.", "Only alpha here."),
     ("keywords:forbidden_words", {"forbidden_words": ["bad"]}, "A good answer, badge ok.", "This is bad."),
-    ("keywords:frequency", {"keyword": "cat", "frequency": 2, "relation": "at least"}, "cat and cat", "a cat"),
+    (
+        "keywords:frequency",
+        {"keyword": "cat", "frequency": 2, "relation": "at least"},
+        "cat and cat",
+        "a cat",
+    ),
     ("keywords:letter_frequency", {"letter": "z", "let_frequency": 2, "let_relation": "at least"}, "zz", "z"),
     ("detectable_format:json_format", {}, '```json\n{"a": 1}\n```', "{'a': 1} plus words"),
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* one\n* two", "* one\n* two\n- three"),
@@ -41,7 +66,12 @@ CASES = [
     ("punctuation:no_comma", {}, "no commas here", "one, two"),
     ("change_case:english_lowercase", {}, "all lower case", "Not all lower"),
     ("change_case:english_capital", {}, "ALL CAPS HERE", "ALL CAPS Mostly"),
-    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"}, "AI and ML", "AI"),
+    (
+        "change_case:capital_word_frequency",
+        {"capital_frequency": 2, "capital_relation": "at least"},
+        "AI and ML",
+        "AI",
+    ),
     ("detectable_content:number_placeholders", {"num_placeholders": 2}, "At [name] in [city]", "At [name]"),
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Body.\nP.S. bye", "Body without it."),
     ("combination:repeat_prompt", {"prompt_to_repeat": "Say hi"}, "Say hi. Hi!", "Hi!"),
@@ -54,7 +84,9 @@ def test_at_least_fifteen_kinds() -> None:
     assert {c[0] for c in CASES} <= set(CHECKS)
 
 
-@pytest.mark.parametrize(("iid", "kwargs", "good", "bad"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("iid", "kwargs", "good", "bad"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_instruction_positive_and_negative(iid: str, kwargs: dict, good: str, bad: str) -> None:
     verifier = IFEvalVerifier()
     ref = {"instruction_id_list": [iid], "kwargs": [kwargs]}
@@ -66,7 +98,11 @@ def test_instruction_positive_and_negative(iid: str, kwargs: dict, good: str, ba
 
 def test_fraction_and_all_or_nothing_modes() -> None:
     ref = {
-        "instruction_id_list": ["punctuation:no_comma", "change_case:english_lowercase", "startend:quotation"],
+        "instruction_id_list": [
+            "punctuation:no_comma",
+            "change_case:english_lowercase",
+            "startend:quotation",
+        ],
         "kwargs": [{}, {"num_words": None}, {}],  # IFEval stores unused kwargs as None
     }
     sample = Sample(prompt="p", response="all lower, with a comma", reference=ref)
@@ -85,8 +121,13 @@ def test_reasoning_is_stripped_and_unclosed_think_fails() -> None:
 
 
 def test_loose_mode_forgives_markdown_and_framing_lines() -> None:
-    ref = {"instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": "Is there anything else?"}]}
-    sample = Sample(prompt="p", response="Body. Is there anything else?\n-- sent from my assistant", reference=ref)
+    ref = {
+        "instruction_id_list": ["startend:end_checker"],
+        "kwargs": [{"end_phrase": "Is there anything else?"}],
+    }
+    sample = Sample(
+        prompt="p", response="Body. Is there anything else?\n-- sent from my assistant", reference=ref
+    )
     assert IFEvalVerifier().verify(sample).reward == 0.0
     assert IFEvalVerifier(loose=True).verify(sample).reward == 1.0
 
@@ -94,7 +135,9 @@ def test_loose_mode_forgives_markdown_and_framing_lines() -> None:
 def test_bad_references_raise_clear_errors() -> None:
     v = IFEvalVerifier()
     with pytest.raises(KexaoneError, match="unknown instruction id"):
-        v.verify(Sample(prompt="p", response="x", reference={"instruction_id_list": ["nope:nope"], "kwargs": [{}]}))
+        v.verify(
+            Sample(prompt="p", response="x", reference={"instruction_id_list": ["nope:nope"], "kwargs": [{}]})
+        )
     with pytest.raises(KexaoneError, match="bad kwargs"):
         ref = {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{"bogus": 1}]}
         v.verify(Sample(prompt="p", response="x", reference=ref))

@@ -7,17 +7,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from kexaone_align.errors import KexaoneError
 from kexaone_align.verifiers import (
     Sample,
     VerifyResult,
     get_verifier,
+    loading,
     register_verifier,
     registered_names,
     resolve_verifier,
 )
-from kexaone_align.verifiers import loading
+
+from kexaone_align.errors import KexaoneError
 
 SAMPLE = Sample(prompt="p", response="hello", reference="hello", task="echo")
 
@@ -81,15 +81,23 @@ def test_entry_point_plugins_are_discovered(tmp_path: Path, monkeypatch: pytest.
     assert get_verifier("kx_shout").verify(Sample(prompt="p", response="HEY")).reward == 1.0
     # A plugin that registers itself with the decorator on import does not clash with its entry point.
     assert get_verifier("kx_self_registering").verify(SAMPLE).details == {"plugin": True}
-    with pytest.raises(KexaoneError, match="kx_broken.*failed to load"):
+    with pytest.raises(KexaoneError, match=r"kx_broken.*failed to load"):
         get_verifier("kx_broken")
 
 
 def test_module_attr_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "kx_refmod.py").write_text(
-        "class Box:\n    class Inner:\n        def verify(self, sample):\n            from kexaone_align.verifiers"
-        " import VerifyResult\n            return VerifyResult(0.75)\n\ndef fn(sample):\n    return 0.25\n"
-    )
+    source = """
+        from kexaone_align.verifiers import VerifyResult
+
+        class Box:
+            class Inner:
+                def verify(self, sample):
+                    return VerifyResult(0.75)
+
+        def fn(sample):
+            return 0.25
+        """
+    (tmp_path / "kx_refmod.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
     assert resolve_verifier("kx_refmod:fn").verify(SAMPLE).reward == 0.25
     nested = resolve_verifier("kx_refmod:Box.Inner")
@@ -127,7 +135,7 @@ def test_file_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_bad_names_give_clear_errors() -> None:
-    with pytest.raises(KexaoneError, match="no verifier named 'nope'.*known:.*math"):
+    with pytest.raises(KexaoneError, match=r"no verifier named 'nope'.*known:.*math"):
         resolve_verifier("nope")
     with pytest.raises(KexaoneError, match="must look like"):
         resolve_verifier("module:")

@@ -7,11 +7,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from kexaone_align.errors import KexaoneError
 from kexaone_align.verifiers import Sample, get_verifier
 from kexaone_align.verifiers.math import MathVerifier
 from kexaone_align.verifiers.math_pool import MathWorkerPool
+
+from kexaone_align.errors import KexaoneError
 
 
 def grade(response: str, reference: str, **kw) -> float:
