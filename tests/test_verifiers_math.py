@@ -13,6 +13,9 @@ from kexaone_align.verifiers.math_pool import MathWorkerPool
 
 from kexaone_align.errors import KexaoneError
 
+# sympy evaluates this product term by term: far longer than any timeout used here.
+HANGS = "\\boxed{\\prod_{k=1}^{10^{7}} k}"
+
 
 def grade(response: str, reference: str, **kw) -> float:
     return MathVerifier(**kw).verify(Sample(prompt="q", response=response, reference=reference)).reward
@@ -33,6 +36,10 @@ def grade(response: str, reference: str, **kw) -> float:
         ("The answer is $\\dfrac{3}{4}$.", "0.75"),
         ("Answer: 12", "12"),
         ("We simplify and get\n$\\frac{6}{4}$", "3/2"),
+        ("\\boxed{2^{100}}", "1267650600228229401496703205376"),
+        ("\\boxed{3^{3^{3}}}", "3^{27}"),
+        ("\\boxed{x^2+2x+1}", "(x+1)^2"),
+        ("\\boxed{(-\\infty, 2)}", "x<2"),
     ],
 )
 def test_equivalent_forms_score_one(response: str, reference: str) -> None:
@@ -100,7 +107,9 @@ def test_pathological_inputs_finish_in_budget_from_threads() -> None:
     pool = MathWorkerPool(max_workers=2)
     verifier = MathVerifier(timeout_s=1.0, pool=pool)
     samples = [
+        Sample(prompt="q", response=HANGS, reference="3"),
         Sample(prompt="q", response="\\boxed{9^{9^{9^{9}}}}", reference="3"),
+        Sample(prompt="q", response="\\boxed{\\binom{10^{9}}{10^{6}}}", reference="3"),
         Sample(prompt="q", response="\\boxed{" + "1+" * 20000 + "1}", reference="3"),
         Sample(prompt="q", response="x" * 2_000_000, reference="3"),
         Sample(prompt="q", response="<think>" + "(" * 100_000, reference="3"),
@@ -116,8 +125,9 @@ def test_pathological_inputs_finish_in_budget_from_threads() -> None:
         pool.close()
     elapsed = time.monotonic() - start
     assert elapsed < 20, elapsed
-    assert [r.reward for r in results] == [0, 0, 0, 0, 0, 1, 1]
+    assert [r.reward for r in results] == [0, 0, 0, 0, 0, 0, 0, 1, 1]
     assert results[0].details.get("timeout") is True
+    assert "too large" in results[1].details["reason"]  # power towers are refused without computing
     assert threading.current_thread() is threading.main_thread()
 
 
@@ -125,7 +135,7 @@ def test_worker_killed_on_timeout_is_replaced() -> None:
     pool = MathWorkerPool(max_workers=1)
     verifier = MathVerifier(timeout_s=0.5, pool=pool)
     try:
-        hang = verifier.verify(Sample(prompt="q", response="\\boxed{9^{9^{9^{9}}}}", reference="2"))
+        hang = verifier.verify(Sample(prompt="q", response=HANGS, reference="2"))
         assert hang.details["timeout"] is True
         ok = verifier.verify(Sample(prompt="q", response="\\boxed{2.0}", reference="2"))
         assert ok.reward == 1.0

@@ -56,19 +56,77 @@ def _candidate_forms(text: str, mode: str) -> list[str]:
     return [f"\\boxed{{{text}}}", f"${text}$", text]
 
 
+MAX_DIGITS = 1_000_000  # far beyond any real answer; towers like 9^{9^{9^9}} are refused, not computed
+
+
+def _log10_size(expr) -> float | None:
+    """Rough log10 of |expr| for plain numbers, powers, products and sums; None when unknown."""
+    import math as _m
+
+    import sympy
+
+    if isinstance(expr, sympy.Integer | sympy.Rational | sympy.Float):
+        value = abs(expr)
+        if value == 0:
+            return 0.0
+        if isinstance(expr, sympy.Integer) and abs(int(expr)).bit_length() > 3000:
+            return abs(int(expr)).bit_length() * 0.30103
+        try:
+            return _m.log10(float(value))
+        except (OverflowError, ValueError):
+            return float("inf")
+    if isinstance(expr, sympy.Pow):
+        base, exp = _log10_size(expr.base), _log10_size(expr.exp)
+        if base is None or exp is None or base <= 0:
+            return None if base is None or exp is None else 0.0
+        if exp > 300:
+            return float("inf")
+        return base * 10**exp
+    if isinstance(expr, sympy.Mul | sympy.Add):
+        parts = [_log10_size(a) for a in expr.args]
+        if any(p is None for p in parts):
+            return None
+        return sum(max(p, 0.0) for p in parts) if isinstance(expr, sympy.Mul) else max(parts) + 1
+    return None
+
+
+def _too_big(parsed: list) -> bool:
+    """Whether a parsed answer would make sympy build an astronomically large number."""
+    import sympy
+
+    for item in parsed:
+        if not isinstance(item, sympy.Basic):
+            continue
+        for node in sympy.preorder_traversal(item):
+            if isinstance(node, sympy.Pow):
+                size = _log10_size(node)
+                if size is not None and size > MAX_DIGITS:
+                    return True
+            elif isinstance(node, sympy.factorial) and node.args[0].is_number:
+                size = _log10_size(node.args[0])
+                if size is not None and size > 5:
+                    return True
+    return False
+
+
 def handle(req: dict, parse, verify) -> dict:
     gold = _parse_any(parse, _gold_forms(req["gold"]))
     if not gold:
         return {"error": f"could not parse the reference answer {req['gold'][:200]!r}"}
-    matched, parsed_out = [], []
+    guard = not _too_big(gold)  # a huge reference is compared as is; the parent's deadline still holds
+    matched, parsed_out, refused = [], [], []
     for cand in req["candidates"]:
         parsed = _parse_any(parse, _candidate_forms(cand["text"], cand["mode"]))
         if not parsed and cand.get("fallback"):
             parsed = _parse_any(parse, [cand["fallback"]])
         parsed_out.append(str(parsed[-1]) if parsed else None)
+        if parsed and guard and _too_big(parsed):
+            matched.append(False)
+            refused.append(cand["text"][:200])
+            continue
         ok = bool(parsed) and bool(verify(gold, parsed, timeout_seconds=None))
         matched.append(ok)
-    return {"matched": matched, "parsed": parsed_out, "gold_parsed": str(gold[-1])}
+    return {"matched": matched, "parsed": parsed_out, "gold_parsed": str(gold[-1]), "too_big": refused}
 
 
 def main() -> None:

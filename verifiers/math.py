@@ -94,6 +94,8 @@ class MathVerifier:
         matched = out["matched"]
         if all(matched):
             return VerifyResult(1.0, {**details, "reason": "equivalent"})
+        if out.get("too_big"):
+            return VerifyResult(0.0, {**details, "reason": "final answer too large to compute"})
         if len(candidates) > 1 and any(matched):
             return VerifyResult(0.0, {**details, "reason": "several different final answers"})
         return VerifyResult(0.0, {**details, "reason": "not equivalent to the reference"})

@@ -117,7 +117,7 @@ class MathWorkerPool:
     """Up to ``max_workers`` live workers; callers beyond that wait for a free one."""
 
     def __init__(self, max_workers: int | None = None, startup_timeout_s: float = 120.0) -> None:
-        self.max_workers = max_workers or min(8, max(2, os.cpu_count() or 2))
+        self.max_workers = max_workers or min(8, max(4, os.cpu_count() or 4))
         self.startup_timeout_s = startup_timeout_s
         self._idle: list[_Worker] = []
         self._live = 0
