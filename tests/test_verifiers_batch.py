@@ -97,3 +97,16 @@ def test_bad_arguments_raise() -> None:
         score_batch([], "math", max_workers=0)
     with pytest.raises(KexaoneError, match="no verifier named"):
         score_batch([_sample("t")], "not-a-verifier")
+
+
+def test_router_and_builtins_pickle_for_ray_actors() -> None:
+    import pickle
+
+    from kexaone_align.verifiers import get_verifier
+
+    router = TaskRouter({"math": "math", "stem": "choice"}, default="format")
+    router.verify(_sample("stem", "Answer: A", "A"))  # builds and caches a verifier, holds a lock
+    clone = pickle.loads(pickle.dumps(router))
+    assert clone.verify(_sample("math", "\\boxed{0.5}", "1/2")).reward == 1.0
+    for name in ("math", "ifeval", "format", "choice"):
+        assert pickle.loads(pickle.dumps(get_verifier(name))).name == name

@@ -74,6 +74,8 @@ def test_unclosed_think_scores_zero_even_with_right_answer() -> None:
     res = MathVerifier().verify(Sample(prompt="q", response="<think>so \\boxed{4}", reference="4"))
     assert res.reward == 0.0
     assert "never closed" in res.details["reason"]
+    # A second block opened after the last close and left open: the answer never came.
+    assert grade("<think>a</think>\\boxed{4}<think>wait, let me recheck", "4") == 0.0
     # Template opened the block in the prompt: no </think> means the answer never came.
     prefilled = Sample(prompt="q", response="so \\boxed{4}", reference="4", metadata={"reasoning": True})
     assert MathVerifier().verify(prefilled).reward == 0.0

@@ -42,7 +42,10 @@ def strip_reasoning(response: str, *, reasoning: bool | None = None) -> Stripped
         return Stripped(None, None, f"response is {type(response).__name__}, not text")
     close = response.rfind(THINK_CLOSE)
     if close >= 0:
-        return Stripped(response[close + len(THINK_CLOSE) :].strip(), response[:close])
+        answer = response[close + len(THINK_CLOSE) :]
+        if THINK_OPEN in answer:  # a new reasoning block opened after the last close and never closed
+            return Stripped(None, response, "reasoning block <think> never closed")
+        return Stripped(answer.strip(), response[:close])
     if THINK_OPEN in response:
         return Stripped(None, response, "reasoning block <think> never closed")
     if reasoning:

@@ -40,6 +40,13 @@ class TaskRouter:
         self._cache: dict[str, Verifier | None] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray ships routers to actors by pickling; locks and built verifiers are rebuilt there.
+        return {"mapping": self.mapping, "default": self.default}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["mapping"], state["default"])  # type: ignore[misc]
+
     def _build(self, task: str) -> Verifier | None:
         if self.mapping is not None:
             ref = self.mapping.get(task, self.default)

@@ -54,6 +54,10 @@ class MathVerifier:
         self.timeout_s = timeout_s
         self._pool = pool
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes do not travel (e.g. to a Ray actor); the receiver uses its own default pool.
+        return {"timeout_s": self.timeout_s, "_pool": None}
+
     def verify(self, sample: Sample) -> VerifyResult:
         gold = reference_answer(sample.reference)
         stripped = strip_reasoning(sample.response, reasoning=sample.metadata.get("reasoning"))
