@@ -1,0 +1,200 @@
+"""The DeepSpeed learner on CPU: in-process (world size 1) and as Ray actors (data parallel)."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import sys
+
+import pytest
+import torch
+from ray import cloudpickle
+
+from kexaone_align.algorithms.sft import sft_loss
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.batching import collate
+from kexaone_align.runtime.learner import Learner, LearnerConfig
+
+# Ray actors cannot import this test module, so its loss functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "head_dim": 16,
+}
+ZERO3_SHARDED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+
+
+def sft_loss_fn(token_logprobs, batch):
+    """SFT-style loss: mean negative log-prob over loss_mask tokens."""
+    return sft_loss(token_logprobs, batch["loss_mask"]), {"tokens": batch["loss_mask"].sum()}
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from kexaone_align.models import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "policy", seed=0, architecture=SMALL)
+
+
+def make_batch(seed=0, lengths=(7, 12, 5, 9, 11, 4)):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(5, 500, (n,), generator=g).tolist() for n in lengths]
+    return collate(ids, [[0, 0] + [1] * (len(x) - 2) for x in ids])
+
+
+def config(stage=2, **kw):
+    base = {"zero_stage": stage, "lr": 1e-2, "micro_batch_tokens": 24, "grad_clip": 1.0}
+    if stage == 3:
+        base["ds_config_overrides"] = ZERO3_SHARDED
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+def full_state(learner_or_group, bucket_bytes=1 << 30):
+    out = {}
+    for bucket in learner_or_group.state_dict_stream(bucket_bytes):
+        out.update(bucket)
+    return out
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_path):
+    lrn = Learner(tiny_path, config(2))
+    lrn.setup()
+    return lrn
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(KexaoneError, match="zero_stage"):
+        LearnerConfig(zero_stage=1).validate()
+    with pytest.raises(KexaoneError, match="lr_schedule"):
+        Learner("x", LearnerConfig(lr_schedule="linear"))
+
+
+def test_train_steps_change_weights_lower_loss_and_keep_router(learner, tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch()
+    before = full_state(learner)
+    original = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()
+    assert all(torch.equal(before[k], original[k]) for k in original)  # stream == checkpoint
+    losses = [learner.train_step(batch, sft_loss_fn) for _ in range(4)]
+    assert losses[-1]["loss"] < losses[0]["loss"] - 0.5
+    m = losses[0]
+    assert m["micro_batches"] >= 2 and m["learner_tokens"] == batch["attention_mask"].sum()
+    assert m["grad_norm"] > 0 and m["lr"] == pytest.approx(1e-2) and m["tokens_per_s"] > 0
+    assert m["loss/tokens"] > 0
+    after = full_state(learner)
+    routers = [k for k in after if k.endswith("mlp.gate.weight")]
+    assert routers and set(learner.frozen_parameters) == set(routers)
+    for k in after:
+        changed = not torch.equal(before[k], after[k])
+        assert changed == (k not in routers and "e_score_correction_bias" not in k), k
+
+
+def test_forward_logprobs_matches_transformers(learner, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch(seed=3)
+    lp = learner.forward_logprobs(batch)
+    learner.export_hf(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    mask = batch["loss_mask"][:, 1:].bool()
+    assert torch.allclose(lp[:, 1:][mask], ref[mask], atol=1e-4)
+    assert (lp[:, 1:][~mask] == 0).all() and (lp[:, 0] == 0).all()
+
+
+def test_export_hf_reloads_with_same_weights_and_tokenizer(learner, tiny_path, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    learner.export_hf(tmp_path / "hf", tokenizer_path=tiny_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    state = full_state(learner)
+    reloaded = model.state_dict()
+    assert set(reloaded) == set(state)
+    assert all(torch.equal(reloaded[k], state[k]) for k in state)
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "hf")) == len(
+        AutoTokenizer.from_pretrained(tiny_path)
+    )
+
+
+def test_save_load_gives_same_next_step(learner, tmp_path):
+    batch = make_batch(seed=5)
+    learner.train_step(batch, sft_loss_fn)  # optimizer state is non-trivial
+    learner.save(tmp_path / "ckpt")
+    saved = full_state(learner)
+    first = learner.train_step(batch, sft_loss_fn)
+    after_first = full_state(learner)
+    learner.load(tmp_path / "ckpt")
+    assert all(torch.equal(saved[k], v) for k, v in full_state(learner).items())
+    second = learner.train_step(batch, sft_loss_fn)
+    assert second["loss"] == pytest.approx(first["loss"], abs=1e-6)
+    assert second["lr"] == first["lr"]
+    assert all(torch.allclose(after_first[k], v, atol=1e-6) for k, v in full_state(learner).items())
+    with pytest.raises(KexaoneError):
+        learner.load(tmp_path / "nowhere")
+
+
+def test_aux_loss_is_reported_and_trains(tiny_path):
+    lrn = Learner(tiny_path, config(2, aux_loss_coef=0.01, freeze_router=False))
+    lrn.setup()
+    m = lrn.train_step(make_batch(), sft_loss_fn)
+    assert m["aux_loss"] > 0 and m["loss"] > 0
+
+
+# ---------------------------------------------------------------------------- Ray: data parallel
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from kexaone_align.runtime.cluster import init_ray
+
+    init_ray(None, num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+def _reference(tiny_path, stage, batch, steps):
+    lrn = Learner(tiny_path, config(stage))
+    lrn.setup()
+    metrics = [lrn.train_step(batch, sft_loss_fn) for _ in range(steps)]
+    return lrn, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_learners_match_one(ray_session, tiny_path, stage):
+    from kexaone_align.runtime.cluster import LearnerResources, create_learner_group
+
+    batch = make_batch(seed=7, lengths=(12, 3, 4, 5, 11, 10, 2))  # ranks get different micro-batch counts
+    ref, ref_metrics = _reference(tiny_path, stage, batch, steps=2)
+    group = create_learner_group(2, tiny_path, config(stage), "disaggregated", LearnerResources(num_cpus=1))
+    try:
+        metrics = [group.train_step(batch, sft_loss_fn) for _ in range(2)]
+        for a, b in zip(metrics, ref_metrics, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            assert a["learner_tokens"] == b["learner_tokens"]
+        want = full_state(ref)
+        got = full_state(group, bucket_bytes=64 * 1024)
+        assert list(got) == list(want)
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=2e-5), k
+        lp = group.forward_logprobs(batch)
+        assert torch.allclose(lp, ref.forward_logprobs(batch), atol=1e-5)
+        if stage == 3:
+            limit = 64 * 1024
+            sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in group.state_dict_stream(limit)]
+            singles = [len(b) for b in group.state_dict_stream(limit)]
+            assert len(sizes) > 3
+            assert all(s <= limit or n == 1 for s, n in zip(sizes, singles, strict=True))
+    finally:
+        group.shutdown()
