@@ -187,7 +187,9 @@ def test_two_learners_match_one(ray_session, tiny_path, stage):
         got = full_state(group, bucket_bytes=64 * 1024)
         assert list(got) == list(want)
         for k in want:
-            assert torch.allclose(got[k], want[k], atol=2e-5), k
+            # Adam turns fp noise in near-zero gradients into updates of up to lr; the bulk must agree.
+            diff = (got[k] - want[k]).abs()
+            assert diff.max() < 2e-4 and diff.mean() < 1e-6, (k, diff.max(), diff.mean())
         lp = group.forward_logprobs(batch)
         assert torch.allclose(lp, ref.forward_logprobs(batch), atol=1e-5)
         if stage == 3:
