@@ -171,7 +171,7 @@ def _reference(tiny_path, stage, batch, steps):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_learners_match_one(ray_session, tiny_path, stage):
+def test_two_learners_match_one(ray_session, tiny_path, stage, tmp_path):
     from kexaone_align.runtime.cluster import LearnerResources, create_learner_group
 
     batch = make_batch(seed=7, lengths=(12, 3, 4, 5, 11, 10, 2))  # ranks get different micro-batch counts
@@ -198,5 +198,16 @@ def test_two_learners_match_one(ray_session, tiny_path, stage):
             singles = [len(b) for b in group.state_dict_stream(limit)]
             assert len(sizes) > 3
             assert all(s <= limit or n == 1 for s, n in zip(sizes, singles, strict=True))
+            # export gathers the sharded weights; save/load restores every rank's shard
+            from transformers import AutoModelForCausalLM
+
+            group.export_hf(tmp_path / "hf")
+            exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+            assert all(torch.equal(exported[k], got[k]) for k in got)
+            group.save(tmp_path / "ckpt")
+            group.train_step(batch, sft_loss_fn)
+            assert group.load(tmp_path / "ckpt") == 2
+            restored = full_state(group)
+            assert all(torch.equal(restored[k], got[k]) for k in got)
     finally:
         group.shutdown()

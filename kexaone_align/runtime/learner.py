@@ -321,15 +321,24 @@ class Learner:
         cfg = self.config
         dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
         device = f"cuda:{torch.cuda.current_device()}" if cfg.backend == "nccl" else "cpu"
-        if cfg.zero_stage == 3 and cfg.zero3_init:
-            # While an HfDeepSpeedConfig with stage 3 is alive, from_pretrained builds the model inside
-            # deepspeed.zero.Init: each rank only ever holds its shard (the 236B model needs this).
-            from transformers.integrations import HfDeepSpeedConfig
+        if not (cfg.zero_stage == 3 and cfg.zero3_init):
+            return load_policy(
+                self.model_path, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing
+            )
+        # While an HfDeepSpeedConfig with stage 3 is alive, from_pretrained builds the model inside
+        # deepspeed.zero.Init: each rank only ever holds its shard (the 236B model needs this). It is
+        # process-global, so drop it right after: later from_pretrained calls must load normally.
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        return load_policy(
-            self.model_path, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing
-        )
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+        try:
+            return load_policy(
+                self.model_path, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing
+            )
+        finally:
+            del hf_ds_config
+            unset_hf_deepspeed_config()
 
     def _param_groups(self, policy: nn.Module) -> list[dict[str, Any]]:
         """Weight decay on matrices only (not on norms, biases or other vectors)."""
@@ -395,7 +404,9 @@ class Learner:
         micros = self._micro_batches(batch)
         weights = [self._loss_weight(m) for m in micros]
         local_weight = sum(weights)
-        (num_steps,) = self._all_reduce([float(len(micros))], "max")
+        (num_steps,) = self._all_reduce(
+            [float(max(1, len(micros)))], "max"
+        )  # >= 1: DS steps after a backward
         local_rows = float(sum(m["input_ids"].shape[0] for m in micros))
         global_weight, global_rows = self._all_reduce([local_weight, local_rows], "sum")
         normaliser = global_weight if global_weight > 0 else 1.0
