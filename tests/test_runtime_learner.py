@@ -211,3 +211,36 @@ def test_two_learners_match_one(ray_session, tiny_path, stage, tmp_path):
             assert all(torch.equal(restored[k], got[k]) for k in got)
     finally:
         group.shutdown()
+
+
+def test_empty_shard_still_steps(learner):
+    batch = make_batch()
+    empty = {k: v[:0] for k, v in batch.items()}
+    m = learner.train_step(empty, sft_loss_fn)
+    assert m["learner_tokens"] == 0 and m["micro_batches"] == 0 and m["loss"] == 0
+
+
+def test_lr_schedule_reaches_the_engine(tiny_path):
+    lrn = Learner(
+        tiny_path, config(2, lr=1e-3, lr_schedule="wsd", warmup_steps=2, stable_steps=0, decay_steps=2)
+    )
+    lrn.setup()
+    lrs = [lrn.train_step(make_batch(), sft_loss_fn)["lr"] for _ in range(4)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_nccl_learner_on_gpu(ray_session, tiny_path):
+    from kexaone_align.runtime.cluster import LearnerResources, create_learner_group
+
+    # a fresh actor process: this test process already holds a gloo group from the CPU tests
+    cfg = config(3, precision="bf16", backend="nccl", ds_config_overrides={})
+    group = create_learner_group(1, tiny_path, cfg, "disaggregated", LearnerResources(num_cpus=1, num_gpus=1))
+    try:
+        losses = [group.train_step(make_batch(), sft_loss_fn)["loss"] for _ in range(3)]
+        assert losses[-1] < losses[0]
+        state = full_state(group)
+        assert state["lm_head.weight"].dtype == torch.bfloat16
+    finally:
+        group.shutdown()
