@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kexaone_align.algorithms.logprobs import chunked_token_logprobs
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import plan_micro_batches, take, validate_batch
 from kexaone_align.runtime.lr_schedules import SCHEDULES, lr_multiplier_fn
@@ -140,20 +141,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _token_logprobs_fn() -> Callable[..., Tensor]:
-    try:
-        from kexaone_align.algorithms.logprobs import chunked_token_logprobs
-
-        return chunked_token_logprobs
-    except ImportError:  # pragma: no cover - only before the algorithms package lands
-
-        def fallback(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int = 1024) -> Tensor:
-            logits = (hidden @ weight.t()).float()
-            return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-        return fallback
-
-
 class TokenLogprobModel(nn.Module):
     """Wraps the causal LM so one forward gives per-token log-probs ``[N, T]`` (and the MoE aux loss).
 
@@ -167,7 +154,6 @@ class TokenLogprobModel(nn.Module):
         super().__init__()
         self.policy = policy
         self.chunk_size = chunk_size
-        self._logprobs = _token_logprobs_fn()
         if zero3:
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
@@ -186,7 +172,7 @@ class TokenLogprobModel(nn.Module):
         )
         hidden = out.last_hidden_state
         select = target_mask[:, 1:].bool()
-        picked = self._logprobs(
+        picked = chunked_token_logprobs(
             hidden[:, :-1][select],
             self.policy.lm_head.weight,
             input_ids[:, 1:][select],
