@@ -6,8 +6,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Two cores shared by the test process, Ray actors and sandboxed children: oversubscribing threads
 # made tiny-model tests ~20x slower in measurements on this machine.
