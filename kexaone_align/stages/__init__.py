@@ -1,1 +1,39 @@
-"""Package."""
+"""The stage loops (sft, agapo, grouper) and the pipeline runner; `run_recipe` dispatches on the stage.
+
+Stage modules are imported only when their stage runs, so a missing or broken one fails that stage with
+a ``KexaoneError`` naming it instead of breaking the whole package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kexaone_align.config import Recipe
+from kexaone_align.errors import KexaoneError
+
+STAGES = ("sft", "agapo", "grouper", "pipeline")
+
+
+def stage_module(stage: str) -> Any:
+    """``kexaone_align.stages.<stage>``, or a ``KexaoneError`` saying that stage is not available."""
+    if stage not in STAGES:
+        raise KexaoneError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    name = f"kexaone_align.stages.{stage}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        raise KexaoneError(f"stage {stage!r} is not available: module {name} is missing") from None
+    if not callable(getattr(module, "run", None)):
+        raise KexaoneError(f"stage {stage!r} is not available: {name} has no run(recipe) function")
+    return module
+
+
+def run_recipe(recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe's stage (or pipeline) to completion; returns its summary (also in summary.json)."""
+    return stage_module(recipe.stage).run(recipe)
+
+
+__all__ = ["STAGES", "run_recipe", "stage_module"]

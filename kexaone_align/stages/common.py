@@ -1,0 +1,303 @@
+"""Glue every stage shares, so a stage file holds only its own loop.
+
+- ``prepare_policy(recipe)``: the checkpoint to start from (a tiny model built offline into
+  ``<run_dir>/init``, or the recipe's pretrained path); ``tokenizer_source`` says where its tokenizer lives.
+- ``start_ray(recipe)``: thread budget for this process, then a local or remote Ray cluster.
+- ``make_learners(recipe, model_path, total_steps)``: the DeepSpeed learner group the recipe describes.
+- ``StageRun(recipe, total_steps)``: run dir, metrics logger, progress bar, periodic atomic checkpoints
+  (learner state + trainer state) and ``checkpoint.resume`` handling.
+- ``finish_stage(run, learners, summary)``: final ``export_hf`` (with tokenizer), plots and
+  ``<run_dir>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kexaone_align.config import Recipe, learner_settings
+from kexaone_align.errors import KexaoneError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "export"
+INIT_DIR = "init"
+SUMMARY_FILE = "summary.json"
+
+
+# ------------------------------------------------------------------------------------ policy
+def prepare_policy(recipe: Recipe) -> Path:
+    """Directory (or hub name, as a Path) of the checkpoint the stage starts from.
+
+    ``model.source: tiny`` builds the toy model and its tokenizer into ``<run_dir>/init`` once (seeded,
+    so a resumed run rebuilds the same one); ``pretrained`` uses ``model.path`` as given.
+    """
+    if recipe.model is None:
+        raise KexaoneError(f"stage {recipe.stage!r} needs a model section")
+    model = recipe.model
+    if model.source == "tiny":
+        from kexaone_align.models import build_tiny_checkpoint
+
+        init = recipe.resolved_run_dir / INIT_DIR
+        if not (init / "config.json").is_file():
+            arch = model.architecture.to_hf_kwargs() if model.architecture is not None else None
+            build_tiny_checkpoint(init, seed=recipe.seed, architecture=arch)
+        return init
+    path = Path(str(model.path)).expanduser()
+    if str(model.path).startswith((".", "/", "~")) and not path.is_dir():
+        raise KexaoneError(f"model.path {model.path!r} does not exist")
+    return path
+
+
+def tokenizer_source(recipe: Recipe, model_path: str | Path) -> Path:
+    """Where the stage's tokenizer is loaded from (and copied into the export).
+
+    ``tokenizer.path`` wins, then the model checkpoint. A ``tokenizer.chat_template`` override or
+    ``tokenizer.source: tiny`` with a pretrained model writes a tokenizer into ``<run_dir>/tokenizer``.
+    """
+    tok = recipe.tokenizer
+    if tok.source == "tiny" and recipe.model is not None and recipe.model.source == "pretrained":
+        from kexaone_align.models import build_tokenizer
+
+        base: Any = build_tokenizer()
+    else:
+        base = Path(tok.path).expanduser() if tok.path else Path(model_path)
+        if tok.chat_template is None:
+            return base
+    out = recipe.resolved_run_dir / "tokenizer"
+    if isinstance(base, Path):
+        from kexaone_align.models import load_tokenizer
+
+        base = load_tokenizer(base)
+    if tok.chat_template is not None:
+        template = Path(tok.chat_template).expanduser()
+        if not template.is_file():
+            raise KexaoneError(f"tokenizer.chat_template {tok.chat_template!r} does not exist")
+        base.chat_template = template.read_text(encoding="utf-8")
+    base.save_pretrained(out)
+    return out
+
+
+def load_stage_tokenizer(recipe: Recipe, model_path: str | Path) -> Any:
+    """The tokenizer the stage should tokenize with (see ``tokenizer_source``)."""
+    from kexaone_align.models import load_tokenizer
+
+    return load_tokenizer(tokenizer_source(recipe, model_path))
+
+
+# ------------------------------------------------------------------------------- Ray, learners
+def _actor_cpus(recipe: Recipe) -> float:
+    actors = recipe.learners.num_learners
+    if recipe.stage in ("agapo", "grouper"):
+        actors += recipe.rollout.num_workers
+    return actors * recipe.cluster.cpus_per_actor
+
+
+def start_ray(recipe: Recipe) -> None:
+    """Give this driver a sensible torch thread count, then connect to / start Ray.
+
+    On a local machine the driver and the actors share the cores; the driver mostly waits, so it keeps
+    what the actors do not reserve (at least one thread). A local Ray is told it has enough CPUs for the
+    recipe's actors even on a 2-core box (they time-share; each actor runs one torch thread).
+    """
+    cores = os.cpu_count() or 1
+    need = _actor_cpus(recipe)
+    torch.set_num_threads(max(1, int(cores - need)))
+    from kexaone_align.runtime.cluster import init_ray
+
+    address = recipe.cluster.address
+    if address is None:
+        init_ray(None, num_cpus=max(cores, int(need + 0.999) + 1))
+    else:
+        init_ray(address)
+
+
+def make_learners(recipe: Recipe, model_path: str | Path, total_steps: int) -> Any:
+    """A ``LearnerGroup`` for the recipe's ``learners``/``cluster`` sections, set up and ready."""
+    from kexaone_align.runtime.cluster import LearnerResources, create_learner_group
+    from kexaone_align.runtime.learner import LearnerConfig
+
+    settings = learner_settings(recipe, total_steps)
+    if recipe.learners.offload_optimizer:
+        settings["ds_config_overrides"] = {
+            "zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": False}}
+        }
+    config = LearnerConfig(**settings)
+    gpus = 1.0 if recipe.cluster.gpus_per_node > 0 else 0.0
+    resources = LearnerResources(num_cpus=recipe.cluster.cpus_per_actor, num_gpus=gpus)
+    placement = recipe.cluster.placement if gpus > 0 else "disaggregated"
+    return create_learner_group(
+        recipe.learners.num_learners, model_path, config, placement=placement, resources=resources
+    )
+
+
+# ----------------------------------------------------------------------------- the stage run
+class StageRun:
+    """Run directory, metrics, progress and checkpoints of one stage (use as a context manager).
+
+    ``step`` is the number of optimizer steps already done: 0 for a fresh run, the checkpoint's step
+    after ``restore``. Stage loops run ``while run.step < run.total_steps``, call ``run.log(metrics)``
+    after each step (which advances ``step``) and ``run.maybe_checkpoint(learners, state)``.
+    """
+
+    def __init__(self, recipe: Recipe, total_steps: int) -> None:
+        from kexaone_align.observe import MetricsLogger
+
+        if total_steps < 1:
+            raise KexaoneError(f"stage {recipe.stage!r}: nothing to do (total_steps={total_steps})")
+        self.recipe = recipe
+        self.stage = recipe.stage
+        self.total_steps = int(total_steps)
+        self.run_dir = recipe.resolved_run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_root = self.run_dir / CHECKPOINT_DIR
+        self.metrics = MetricsLogger(
+            self.run_dir, tensorboard=recipe.logging.tensorboard, jsonl=recipe.logging.jsonl
+        )
+        self.step = 0
+        self.resumed_from: Path | None = None
+        self.started = time.perf_counter()
+        self._progress = None
+        self.last_metrics: dict[str, Any] = {}
+
+    # -- context
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the metrics sinks and the progress bar."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.metrics.close()
+
+    @property
+    def progress(self) -> Any:
+        """The progress bar, created on first use so it starts at the resumed step."""
+        if self._progress is None:
+            from kexaone_align.observe import Progress
+
+            self._progress = Progress(
+                self.stage, self.total_steps, enabled=self.recipe.logging.progress_bar, initial=self.step
+            )
+        return self._progress
+
+    # -- resume
+    def resume_point(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` asks for: newest complete one ('auto'), none, or a path."""
+        from kexaone_align.runtime.checkpoint import is_complete, latest_complete_checkpoint
+
+        resume = self.recipe.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return latest_complete_checkpoint(self.checkpoint_root)
+        path = Path(resume).expanduser()
+        if not path.is_dir() or not is_complete(path):
+            raise KexaoneError(f"checkpoint.resume: {resume!r} is not a complete checkpoint directory")
+        return path
+
+    def restore(self, learners: Any) -> dict[str, Any]:
+        """Load learner and trainer state from ``resume_point()``; returns the trainer state ({} if fresh)."""
+        from kexaone_align.runtime.checkpoint import load_trainer_state
+
+        point = self.resume_point()
+        if point is None:
+            return {}
+        learners.load(point)
+        state = load_trainer_state(point)
+        self.step = int(state.get("step", 0))
+        self.resumed_from = point
+        logger.warning("%s: resumed from %s (step %d)", self.stage, point, self.step)
+        if self.step >= self.total_steps:
+            logger.warning(
+                "%s: checkpoint is already at step %d of %d", self.stage, self.step, self.total_steps
+            )
+        return state
+
+    # -- per step
+    def log(self, metrics: dict[str, Any], *, advance: bool = True) -> None:
+        """Record the metrics of the step just taken (``advance`` moves ``step`` on by one first)."""
+        if advance:
+            self.step += 1
+        self.last_metrics = dict(metrics)
+        if self.step % self.recipe.logging.log_every_steps == 0 or self.step == self.total_steps:
+            self.metrics.log(self.stage, self.step, metrics)
+        if advance:
+            self.progress.update(metrics)
+
+    def log_eval(self, metrics: dict[str, Any]) -> None:
+        """Record evaluation metrics at the current step (always written)."""
+        self.metrics.log(self.stage, self.step, metrics)
+
+    def maybe_checkpoint(self, learners: Any, state: dict[str, Any] | None = None) -> Path | None:
+        """Checkpoint when ``checkpoint.every_steps`` divides the current step (never at step 0)."""
+        every = self.recipe.checkpoint.every_steps
+        if every and self.step and self.step % every == 0:
+            return self.save_checkpoint(learners, state)
+        return None
+
+    def save_checkpoint(self, learners: Any, state: dict[str, Any] | None = None) -> Path:
+        """Atomically write ``checkpoints/step_N`` (learner state + trainer state), prune old ones."""
+        from kexaone_align.runtime.checkpoint import (
+            atomic_checkpoint,
+            prune_checkpoints,
+            save_trainer_state,
+            step_dir_name,
+        )
+
+        final = self.checkpoint_root / step_dir_name(self.step)
+        with atomic_checkpoint(final) as tmp:
+            learners.save(tmp)
+            save_trainer_state(tmp, {**(state or {}), "step": self.step})
+        prune_checkpoints(self.checkpoint_root, self.recipe.checkpoint.keep_last)
+        return final
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def finish_stage(
+    run: StageRun, learners: Any, summary: dict[str, Any], *, tokenizer: str | Path | None = None
+) -> dict[str, Any]:
+    """Export the policy (``<run_dir>/export``, with tokenizer), draw plots, write ``summary.json``.
+
+    ``summary`` is the stage's own findings (e.g. ``{"eval": {...}}``); the returned dict adds the stage,
+    steps, export path, resume point, final train metrics and wall time, and is what was written.
+    """
+    from kexaone_align.observe import plot_metrics, read_metrics
+
+    recipe = run.recipe
+    out: dict[str, Any] = {"stage": run.stage, "name": recipe.name, "steps": run.step, **summary}
+    if recipe.checkpoint.export:
+        export = run.run_dir / EXPORT_DIR
+        learners.export_hf(export, tokenizer)
+        out["export"] = str(export)
+    out["resumed_from"] = str(run.resumed_from) if run.resumed_from else None
+    out["final_train_metrics"] = {k: v for k, v in run.last_metrics.items() if isinstance(v, int | float)}
+    run.metrics.close()
+    if recipe.logging.plots and run.metrics.jsonl_path.is_file():
+        rows = read_metrics(run.metrics.jsonl_path)
+        out["plots"] = [str(p) for p in plot_metrics(rows, run.run_dir / "plots")]
+    out["wall_seconds"] = round(run.wall_seconds, 2)
+    write_summary(run.run_dir, out)
+    return out
+
+
+def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """``<run_dir>/summary.json`` (indented, non-JSON values as strings)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
