@@ -119,8 +119,13 @@ def start_ray(recipe: Recipe) -> None:
         init_ray(address)
 
 
-def make_learners(recipe: Recipe, model_path: str | Path, total_steps: int) -> Any:
-    """A ``LearnerGroup`` for the recipe's ``learners``/``cluster`` sections, set up and ready."""
+def make_learners(
+    recipe: Recipe, model_path: str | Path, total_steps: int, overrides: dict[str, Any] | None = None
+) -> Any:
+    """A ``LearnerGroup`` for the recipe's ``learners``/``cluster`` sections, set up and ready.
+
+    ``overrides`` are extra ``LearnerConfig`` fields a stage needs (e.g. ``loss_aggregation``).
+    """
     from kexaone_align.runtime.cluster import LearnerResources, create_learner_group
     from kexaone_align.runtime.learner import LearnerConfig
 
@@ -129,7 +134,7 @@ def make_learners(recipe: Recipe, model_path: str | Path, total_steps: int) -> A
         settings["ds_config_overrides"] = {
             "zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": False}}
         }
-    config = LearnerConfig(**settings)
+    config = LearnerConfig(**{**settings, **(overrides or {})})
     gpus = 1.0 if recipe.cluster.gpus_per_node > 0 else 0.0
     resources = LearnerResources(num_cpus=recipe.cluster.cpus_per_actor, num_gpus=gpus)
     placement = recipe.cluster.placement if gpus > 0 else "disaggregated"
@@ -229,6 +234,7 @@ class StageRun:
     def log(self, metrics: dict[str, Any], *, advance: bool = True) -> None:
         """Record the metrics of the step just taken (``advance`` moves ``step`` on by one first)."""
         if advance:
+            _ = self.progress  # created (at the step count before this one) on the first step
             self.step += 1
         self.last_metrics = dict(metrics)
         if self.step % self.recipe.logging.log_every_steps == 0 or self.step == self.total_steps:

@@ -1,0 +1,221 @@
+"""SFT: next-token likelihood of the assistant's tokens (reasoning and non-reasoning chats alike).
+
+Read as the recipe does: load chat rows (generated or from files), tokenize them with the K-EXAONE
+template and an assistant-only loss mask, hold some out, then run ``sft.epochs`` passes (or
+``sft.max_steps`` optimizer steps) of ``sft_loss`` on the DeepSpeed learners, evaluate held-out loss,
+checkpoint along the way and export the policy for the next stage.
+
+Rows are right-padded, not packed: the learner's forward takes a 2D attention mask and restarts no
+positions, so packed rows would attend across samples. With ``sft.packing: true`` each conversation
+still gets its own padded row (a warning and the summary say so).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kexaone_align.algorithms.sft import sft_loss
+from kexaone_align.config import Recipe
+from kexaone_align.errors import KexaoneError
+from kexaone_align.stages.common import (
+    StageRun,
+    finish_stage,
+    make_learners,
+    prepare_policy,
+    start_ray,
+    tokenizer_source,
+    write_summary,
+)
+
+logger = logging.getLogger(__name__)
+EVAL_BATCH_ROWS = 64
+ACCURACY_ROWS = 50  # held-out prompts answered greedily after training (tiny generator only)
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_sft_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) chat rows from ``data``: the offline generator, or train/eval files.
+
+    Without ``eval_files``, ``data.eval_fraction`` of the training rows is held out.
+    """
+    from kexaone_align.data.sft import load_chat_dataset, train_eval_split
+
+    data = recipe.data
+    if data is None:
+        raise KexaoneError("stage 'sft' needs a data section")
+    if data.generator:
+        from kexaone_align.data.tiny_tasks import generate_rows
+
+        opts = dict(data.generator_options)
+        frac = data.reasoning_fraction
+        train = generate_rows(data.generator, "sft", data.num_train, recipe.seed, "train",
+                              reasoning_fraction=frac, **opts)  # fmt: skip
+        held = generate_rows(data.generator, "sft", data.num_eval, recipe.seed, "heldout",
+                             reasoning_fraction=frac, **opts)  # fmt: skip
+        return train, held
+    if not data.train_files:
+        raise KexaoneError("data: give train_files or a generator for stage 'sft'")
+    ds = load_chat_dataset(list(data.train_files))
+    if data.eval_files:
+        held_ds = load_chat_dataset(list(data.eval_files))
+    else:
+        ds, held_ds = train_eval_split(ds, data.eval_fraction, recipe.seed)
+    return [dict(r) for r in ds], [dict(r) for r in held_ds]
+
+
+def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Row order of one epoch: a seeded permutation (or the file order), the same on every resume."""
+    if not shuffle:
+        return list(range(num_rows))
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_rows, generator=gen).tolist()
+
+
+def step_rows(num_rows: int, batch_size: int, step: int, seed: int, shuffle: bool) -> list[int]:
+    """Rows optimizer step ``step`` (0-based) trains on; epochs wrap, an epoch's last batch may be short."""
+    per_epoch = math.ceil(num_rows / batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = epoch_order(num_rows, epoch, seed, shuffle)
+    return order[index * batch_size : (index + 1) * batch_size]
+
+
+def make_batch(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``loss_mask`` of tokenized rows."""
+    from kexaone_align.runtime.batching import collate
+
+    return collate([r[0] for r in rows], [r[1] for r in rows], pad_token_id=pad_token_id)
+
+
+# ------------------------------------------------------------------------------------- training
+def token_nll(logprobs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+    """Learner loss: mean NLL over the micro-batch's assistant tokens (module level: Ray pickles it)."""
+    return sft_loss(logprobs, batch["loss_mask"]), {}
+
+
+def evaluate_loss(
+    learners: Any, rows: list[tuple[list[int], list[int]]], pad_token_id: int
+) -> dict[str, float]:
+    """Held-out mean NLL per assistant token (and its perplexity)."""
+    if not rows:
+        return {}
+    total, count = 0.0, 0.0
+    for start in range(0, len(rows), EVAL_BATCH_ROWS):
+        batch = make_batch(rows[start : start + EVAL_BATCH_ROWS], pad_token_id)
+        logprobs = learners.forward_logprobs(batch)
+        mask = batch["loss_mask"].bool()
+        total += float(-logprobs[mask].sum())
+        count += float(mask.sum())
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def greedy_accuracy(
+    model_dir: str, rows: list[dict[str, Any]], limit: int, max_new_tokens: int = 160
+) -> dict[str, float]:
+    """Greedy held-out accuracy of the exported model on generated arithmetic rows (last ``\\boxed{}``).
+
+    Only for the tiny generator, whose rows carry the true answer in ``metadata.answer``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from kexaone_align.data.chat_format import render_prompt
+    from kexaone_align.models import load_tokenizer
+
+    rows = [r for r in rows if (r.get("metadata") or {}).get("answer") is not None][:limit]
+    if not rows:
+        return {}
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    correct, formatted = 0, 0
+    for row in rows:
+        prompt = [m for m in row["messages"] if m["role"] != "assistant"]
+        ids = torch.tensor([render_prompt(tok, prompt, bool(row.get("enable_thinking")))])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        found = _BOXED.findall(text)
+        formatted += bool(found and found[-1].strip())
+        correct += bool(found) and found[-1].strip() == str(row["metadata"]["answer"])
+    return {
+        "eval_accuracy": correct / len(rows),
+        "eval_boxed_frac": formatted / len(rows),
+        "eval_n": len(rows),
+    }
+
+
+def total_steps(recipe: Recipe, num_rows: int) -> int:
+    """Optimizer steps of the run: ``sft.epochs`` over the data, capped by ``sft.max_steps``."""
+    sft = recipe.sft
+    steps = sft.epochs * math.ceil(num_rows / sft.batch_size)
+    return min(steps, sft.max_steps) if sft.max_steps else steps
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Run the SFT stage; returns (and writes to ``<run_dir>/summary.json``) its summary."""
+    from kexaone_align.data.sft import tokenize_sft_rows
+    from kexaone_align.models import load_tokenizer
+
+    sft = recipe.sft
+    if sft is None:
+        raise KexaoneError("stage 'sft' needs an sft section")
+    if not sft.assistant_only_loss:
+        raise KexaoneError("sft.assistant_only_loss: false is not supported (loss is on assistant tokens)")
+    start_ray(recipe)
+    model_path = prepare_policy(recipe)
+    tok_path = tokenizer_source(recipe, model_path)
+    tokenizer = load_tokenizer(tok_path)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    train_rows, held_rows = load_sft_rows(recipe)
+    train = tokenize_sft_rows(train_rows, tokenizer, sft.max_seq_len)
+    held = tokenize_sft_rows(held_rows, tokenizer, sft.max_seq_len)
+    if not train:
+        raise KexaoneError("sft: no training row has an assistant token left after tokenization")
+    if sft.packing:
+        logger.warning("sft.packing: the learner does not take packed rows yet; training padded rows")
+    steps = total_steps(recipe, len(train))
+    shuffle = recipe.data.shuffle
+    with StageRun(recipe, steps) as run_:
+        learners = make_learners(recipe, model_path, steps)
+        try:
+            run_.restore(learners)
+            while run_.step < steps:
+                picked = step_rows(len(train), sft.batch_size, run_.step, recipe.seed, shuffle)
+                metrics = learners.train_step(make_batch([train[i] for i in picked], pad), token_nll)
+                metrics["learner_tokens_per_s"] = metrics.pop("tokens_per_s", 0.0)
+                metrics["epoch"] = run_.step * sft.batch_size / len(train)
+                run_.log(metrics)
+                if sft.eval_every_steps and run_.step % sft.eval_every_steps == 0 and run_.step < steps:
+                    run_.log_eval(evaluate_loss(learners, held, pad))
+                run_.maybe_checkpoint(learners)
+            evaluation = evaluate_loss(learners, held, pad)
+            run_.log_eval(evaluation)
+            data = {
+                "train_rows": len(train),
+                "heldout_rows": len(held),
+                "truncated": len(train.truncated),
+                "dropped": len(train.dropped),
+                "packing": "padded (packing not supported by the learner)" if sft.packing else "padded",
+            }
+            summary = finish_stage(run_, learners, {"eval": evaluation, "data": data}, tokenizer=tok_path)
+        finally:
+            learners.shutdown()
+    if recipe.data.generator and summary.get("export"):
+        summary["eval"].update(greedy_accuracy(summary["export"], held_rows, ACCURACY_ROWS))
+        write_summary(recipe.resolved_run_dir, summary)
+    return summary
