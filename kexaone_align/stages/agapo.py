@@ -1,0 +1,208 @@
+"""AGAPO: RL with verifiable rewards (K-EXAONE report, Eq. 1-2), as the recipe reads.
+
+Each step: take ``prompts_per_step`` prompts (any mix of tasks; each row's ``task`` picks its verifier
+from the recipe's ``verifiers`` map), sample G responses each on the rollout workers (every sample
+tagged with the policy version that made it), grade them, then ``agapo_advantages`` (zero-variance
+filtering, leave-one-out baseline, global normalisation) and one learner step of ``agapo_loss``
+against the rollout log-probs. Routers stay frozen; there is no KL term and no reference model.
+The new weights are then pushed to the rollout workers.
+
+Off-policy pipelining: with ``rollout.max_staleness >= 1`` the rollout for step k+1 is launched
+before learning on step k (and weights reach the workers one step later), so every sample is one
+version old; groups more than ``max_staleness`` versions old are dropped and counted. With 0 the
+loop is synchronous. A step whose prompts all have zero reward variance takes no learner step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any
+
+import torch
+
+from kexaone_align.algorithms.agapo import agapo_advantages, global_normalize, leave_one_out_advantages
+from kexaone_align.config import Recipe
+from kexaone_align.data.prompts import PromptCursor
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.rollout.base import SamplingConfig
+from kexaone_align.stages import rl
+from kexaone_align.stages.common import (
+    StageRun,
+    finish_stage,
+    load_stage_tokenizer,
+    make_learners,
+    prepare_policy,
+    start_ray,
+    tokenizer_source,
+)
+
+logger = logging.getLogger(__name__)
+VERIFY_WORKERS = 4
+VERIFY_TIMEOUT_S = 30.0
+
+
+def grade_with_verifiers(router: Any, samples: list[Any]) -> list[float]:
+    """Rule rewards in [0, 1] from the recipe's verifiers (failures and timeouts score 0)."""
+    from kexaone_align.verifiers import score_batch
+
+    if not samples:
+        return []
+    return score_batch(samples, router, max_workers=VERIFY_WORKERS, timeout_s=VERIFY_TIMEOUT_S).rewards
+
+
+def advantages_for(rewards: torch.Tensor, zero_variance_filter: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept [P], advantages [P_kept, G])``: the paper's ``agapo_advantages``, or without the filter."""
+    if zero_variance_filter:
+        return agapo_advantages(rewards)
+    keep = torch.ones(rewards.shape[0], dtype=torch.bool)
+    return keep, global_normalize(leave_one_out_advantages(rewards))
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Run the AGAPO stage; returns its summary with ``eval_before`` / ``eval_after`` held-out accuracy."""
+    from kexaone_align.verifiers import TaskRouter
+
+    cfg = recipe.agapo
+    if cfg is None:
+        raise KexaoneError("stage 'agapo' needs an agapo section")
+    if cfg.group_size < 2:
+        raise KexaoneError("agapo.group_size must be >= 2 (the leave-one-out baseline needs peers)")
+    start_ray(recipe)
+    model_path = prepare_policy(recipe)
+    tok_path = tokenizer_source(recipe, model_path)
+    tokenizer = load_stage_tokenizer(recipe, model_path)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    train_rows, held_rows = rl.load_prompt_rows(recipe)
+    router = TaskRouter(recipe.verifiers or None)
+    grade = functools.partial(grade_with_verifiers, router)
+    roll = recipe.rollout
+    sampling = SamplingConfig.from_recipe(roll, seed=recipe.seed)
+    max_staleness = roll.max_staleness
+    pipelined = max_staleness >= 1
+    loss_fn = functools.partial(rl.agapo_loss_fn, is_cap=cfg.is_cap)
+    bucket_bytes = roll.weight_sync_bucket_mb << 20
+    steps = cfg.steps
+
+    with StageRun(recipe, steps) as run_:
+        learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": "sequences"})
+        pool = None
+        try:
+            pool = rl.RolloutPool(
+                str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
+                max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
+            )  # fmt: skip
+            state = run_.restore(learners)
+            cursor = PromptCursor(train_rows, recipe.seed, shuffle=recipe.data.shuffle)
+            if state.get("cursor"):
+                cursor.load_state_dict(state["cursor"])
+            version = int(state.get("version", 0))
+            counter_names = ("skipped_steps", "dropped_stale", "filtered_prompts")
+            counters = {k: int(state.get(k, 0)) for k in counter_names}
+            synced = 0
+            if version > 0:  # resumed: the workers start from the initial checkpoint
+                pool.push_weights(learners, version, bucket_bytes)
+                synced = version
+
+            def evaluate(tag: str) -> dict[str, float]:
+                return rl.evaluate(
+                    pool, tokenizer, held_rows, grade, samples_per_prompt=cfg.eval_samples_per_prompt,
+                    max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
+                )  # fmt: skip
+
+            eval_before = state.get("eval_before") or evaluate("eval-before")
+            run_.log_eval({f"eval_before/{k}": v for k, v in eval_before.items()})
+            logger.warning("agapo: held-out accuracy before = %.3f", eval_before["accuracy"])
+
+            def sync() -> dict[str, float]:
+                nonlocal synced
+                if synced == version:
+                    return {}
+                out = pool.push_weights(learners, version, bucket_bytes)
+                synced = version
+                return out
+
+            def launch() -> tuple[list[Any], list[Any], dict[str, Any]]:
+                resume_at = cursor.state_dict()
+                rows = cursor.next_batch(cfg.prompts_per_step)
+                tag = f"s{run_.step}-e{cursor.epoch}-o{cursor.offset}"
+                reqs = rl.build_requests(tokenizer, rows, cfg.group_size, tag)
+                return rows, pool.submit(reqs, sampling), resume_at
+
+            pending = launch()
+            while run_.step < steps:
+                rows, futures, _ = pending
+                samples, metrics = pool.collect(futures)
+                more = run_.step + 1 < steps
+                sync_metrics: dict[str, float] = {}
+                if pipelined and more:  # step k+1's rollout runs while the learner works on step k
+                    sync_metrics = sync()
+                    pending = launch()
+                groups = rl.group_samples(rows, samples)
+                groups, dropped, staleness = rl.split_stale(groups, version, max_staleness)
+                counters["dropped_stale"] += dropped
+                rewards = rl.assign_rewards(groups, grade(rl.verifier_samples(tokenizer, groups)))
+                metrics.update(rl.per_task_means(groups, "reward"))
+                metrics.update(rl.response_stats([s for g in groups for s in g.samples]))
+                metrics.update(staleness=staleness, dropped_stale=float(dropped))
+                metrics["policy_version"] = float(version)
+                if groups:
+                    metrics["reward/mean"] = float(rewards.mean())
+                    keep, adv = advantages_for(rewards, cfg.zero_variance_filter)
+                else:
+                    keep, adv = torch.zeros(0, dtype=torch.bool), torch.zeros(0, cfg.group_size)
+                kept = [g for g, k in zip(groups, keep.tolist(), strict=True) if k]
+                counters["filtered_prompts"] += len(groups) - len(kept)
+                metrics["zero_variance_frac"] = 1.0 - len(kept) / len(groups) if groups else 1.0
+                if kept:
+                    batch = rl.training_batch(
+                        [s for g in kept for s in g.samples], adv.reshape(-1).tolist(), pad
+                    )
+                    train = learners.train_step(batch, loss_fn)
+                    version += 1
+                    metrics.update({k.removeprefix("loss/"): v for k, v in train.items()})
+                    metrics["learner_tokens_per_s"] = metrics.pop("tokens_per_s", 0.0)
+                else:  # nothing to learn from: no optimizer step, no new version
+                    counters["skipped_steps"] += 1
+                    metrics["skipped"] = 1.0
+                if not pipelined and more:
+                    sync_metrics = sync()
+                    pending = launch()
+                metrics.update(sync_metrics)
+                metrics.update({f"total/{k}": float(v) for k, v in counters.items()})
+                _save_rollouts(run_, recipe, groups)
+                run_.log(metrics)
+                next_cursor = pending[2] if more else cursor.state_dict()
+                run_.maybe_checkpoint(
+                    learners,
+                    {"cursor": next_cursor, "version": version, "eval_before": eval_before, **counters},
+                )
+            sync()
+            eval_after = evaluate("eval-after")
+            run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()})
+            logger.warning("agapo: held-out accuracy after = %.3f", eval_after["accuracy"])
+            summary = {
+                "eval_before": eval_before,
+                "eval_after": eval_after,
+                "accuracy_gain": eval_after["accuracy"] - eval_before["accuracy"],
+                "policy_version": version,
+                **counters,
+            }
+            return finish_stage(run_, learners, summary, tokenizer=tok_path)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            learners.shutdown()
+
+
+def _save_rollouts(run_: StageRun, recipe: Recipe, groups: list[rl.Group]) -> None:
+    """Append this step's graded responses to ``<run_dir>/rollouts.jsonl`` (``logging.save_rollouts``)."""
+    if not recipe.logging.save_rollouts:
+        return
+    with open(run_.run_dir / "rollouts.jsonl", "a", encoding="utf-8") as fh:
+        for g in groups:
+            for s, text, reward in zip(g.samples, g.texts, g.rewards, strict=True):
+                row = {"step": run_.step + 1, "prompt_id": g.row.id, "task": g.row.task, "response": text,
+                       "reward": reward, "policy_version": s.policy_version}  # fmt: skip
+                fh.write(json.dumps(row) + "\n")

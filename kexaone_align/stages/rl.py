@@ -1,0 +1,315 @@
+"""Pieces the two sampling stages (AGAPO, GROUPER) share: a pool of rollout workers, prompt -> request
+-> graded sample plumbing, the learner batch built from samples, staleness accounting and held-out
+evaluation.
+
+Nothing here knows an equation: advantages and losses come from ``kexaone_align.algorithms``. The loss
+functions below are module-level so Ray can pickle them to the learner actors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kexaone_align.algorithms.agapo import agapo_loss, importance_ratio_stats
+from kexaone_align.algorithms.grouper import grouper_loss
+from kexaone_align.data.chat_format import render_prompt
+from kexaone_align.data.prompts import PromptRow
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.batching import pad_sequences
+from kexaone_align.runtime.rollout.base import RolloutRequest, RolloutSample, SamplingConfig
+from kexaone_align.verifiers import Sample
+
+EVAL_TEMPERATURE = 1.0  # held-out evaluation samples like the paper's rollouts: T = 1.0, top-p 0.95
+EVAL_TOP_P = 0.95
+
+
+# ------------------------------------------------------------------------------------------ losses
+def agapo_loss_fn(
+    logprobs: Tensor, batch: dict[str, Tensor], is_cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Learner ``loss_fn`` for AGAPO: a mean over the micro-batch's responses (``loss_aggregation``
+    must be ``"sequences"``); also reports the importance-ratio diagnostics."""
+    mask = batch["loss_mask"]
+    loss = agapo_loss(logprobs, batch["rollout_logprobs"], batch["advantages"], mask, is_cap)
+    stats = importance_ratio_stats(logprobs, batch["rollout_logprobs"], mask, is_cap)
+    return loss, {k: v for k, v in stats.items() if math.isfinite(v)}
+
+
+def grouper_loss_fn(logprobs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Learner ``loss_fn`` for GROUPER: mean over the micro-batch's responses."""
+    return grouper_loss(logprobs, batch["advantages"], batch["loss_mask"]), {}
+
+
+# ------------------------------------------------------------------------------------------ prompts
+def load_prompt_rows(recipe: Any) -> tuple[list[PromptRow], list[PromptRow]]:
+    """(train, held-out) prompt rows of an RL stage: the offline generator, or ``train_files``/``eval_files``.
+
+    Without ``eval_files``, the last ``data.eval_fraction`` of the (file-ordered) training rows is held out.
+    """
+    from kexaone_align.data.prompts import load_prompt_set
+
+    data = recipe.data
+    if data is None:
+        raise KexaoneError(f"stage {recipe.stage!r} needs a data section")
+    if data.generator:
+        from kexaone_align.data.tiny_tasks import generate_rows
+
+        opts = dict(data.generator_options)
+        # The stage generator's own default (reasoning mode for RL prompts) unless the recipe sets one.
+        frac = data.reasoning_fraction if "reasoning_fraction" in data.model_fields_set else None
+        train = generate_rows(data.generator, recipe.stage, data.num_train, recipe.seed, "train",
+                              reasoning_fraction=frac, **opts)  # fmt: skip
+        held = generate_rows(data.generator, recipe.stage, data.num_eval, recipe.seed, "heldout",
+                             reasoning_fraction=frac, **opts)  # fmt: skip
+        return load_prompt_set(train), load_prompt_set(held)
+    if not data.train_files:
+        raise KexaoneError(f"data: give train_files or a generator for stage {recipe.stage!r}")
+    train_rows = load_prompt_set(list(data.train_files))
+    if data.eval_files:
+        return train_rows, load_prompt_set(list(data.eval_files))
+    n_held = max(1, int(len(train_rows) * data.eval_fraction))
+    if n_held >= len(train_rows):
+        raise KexaoneError(f"data: {len(train_rows)} prompt rows are too few to hold {n_held} out")
+    return train_rows[:-n_held], train_rows[-n_held:]
+
+
+# ---------------------------------------------------------------------------------------- requests
+@dataclass
+class Group:
+    """One prompt's G samples after grading, in sample order."""
+
+    row: PromptRow
+    samples: list[RolloutSample]
+    texts: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+
+
+def build_requests(
+    tokenizer: Any, rows: Sequence[PromptRow], group_size: int, tag: str, enable_thinking: bool | None = None
+) -> list[RolloutRequest]:
+    """One request per prompt row (``group_size`` samples each); ``tag`` keeps request ids unique per call."""
+    requests = []
+    for i, row in enumerate(rows):
+        thinking = row.enable_thinking if enable_thinking is None else enable_thinking
+        ids = render_prompt(tokenizer, row.messages, thinking)
+        requests.append(RolloutRequest(f"{tag}-{i}-{row.id}", ids, group_size, {"row": i}))
+    return requests
+
+
+def decode_response(tokenizer: Any, sample: RolloutSample) -> str:
+    """Response text for a verifier: special tokens like ``</think>`` kept, the final end-of-turn dropped."""
+    ids = list(sample.token_ids)
+    if sample.finish_reason == "stop" and ids:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def group_samples(rows: Sequence[PromptRow], samples: Sequence[RolloutSample]) -> list[Group]:
+    """Gather the flat sample list back into one group per row (order of ``rows``, then sample index)."""
+    groups = [Group(row, []) for row in rows]
+    for sample in samples:
+        groups[int(sample.metadata["row"])].samples.append(sample)
+    for g in groups:
+        g.samples.sort(key=lambda s: s.sample_index)
+    return groups
+
+
+def verifier_samples(tokenizer: Any, groups: Sequence[Group]) -> list[Sample]:
+    """One ``verifiers.Sample`` per response (groups in order), routed by the row's ``task``."""
+    out = []
+    for g in groups:
+        g.texts = [decode_response(tokenizer, s) for s in g.samples]
+        for text in g.texts:
+            out.append(Sample(g.row.messages, text, g.row.reference, g.row.task, dict(g.row.metadata)))
+    return out
+
+
+def assign_rewards(groups: Sequence[Group], rewards: Sequence[float]) -> Tensor:
+    """Store rewards on their groups and return them as ``[P, G]`` (every group must have G samples)."""
+    sizes = {len(g.samples) for g in groups}
+    if len(sizes) > 1:
+        raise KexaoneError(f"groups have different sizes {sorted(sizes)}; every prompt needs G samples")
+    pos = 0
+    for g in groups:
+        g.rewards = [float(r) for r in rewards[pos : pos + len(g.samples)]]
+        pos += len(g.samples)
+    return torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+
+
+def split_stale(
+    groups: Sequence[Group], learner_version: int, max_staleness: int
+) -> tuple[list[Group], int, float]:
+    """Keep groups whose oldest sample is at most ``max_staleness`` versions behind the learner.
+
+    Returns ``(kept groups, number of dropped samples, mean staleness of the kept samples)``.
+    """
+    kept, dropped, ages = [], 0, []
+    for g in groups:
+        age = max(learner_version - s.policy_version for s in g.samples)
+        if age > max_staleness:
+            dropped += len(g.samples)
+        else:
+            kept.append(g)
+            ages.extend(learner_version - s.policy_version for s in g.samples)
+    return kept, dropped, (sum(ages) / len(ages) if ages else 0.0)
+
+
+def per_task_means(groups: Sequence[Group], prefix: str) -> dict[str, float]:
+    """``{prefix/<task>: mean reward}`` over every sample of ``groups``."""
+    sums: dict[str, list[float]] = {}
+    for g in groups:
+        sums.setdefault(g.row.task, []).extend(g.rewards)
+    return {f"{prefix}/{task}": sum(v) / len(v) for task, v in sums.items() if v}
+
+
+# ------------------------------------------------------------------------------------------ batches
+def training_batch(
+    samples: Sequence[RolloutSample], advantages: Sequence[float], pad_token_id: int
+) -> dict[str, Tensor]:
+    """Right-padded learner batch: prompt + response ids, loss on response tokens, rollout log-probs
+    aligned with ``input_ids`` (the learner's column t scores token t), one advantage per row."""
+    if len(samples) != len(advantages):
+        raise KexaoneError(f"{len(samples)} samples but {len(advantages)} advantages")
+    if not samples:
+        raise KexaoneError("training_batch needs at least one sample")
+    ids, masks, old = [], [], []
+    for s in samples:
+        n_prompt, n_resp = len(s.prompt_token_ids), len(s.token_ids)
+        ids.append(list(s.prompt_token_ids) + list(s.token_ids))
+        masks.append([0] * n_prompt + [1] * n_resp)
+        old.append([0.0] * n_prompt + [float(x) for x in s.logprobs])
+    loss_mask = pad_sequences(masks, 0).long()
+    return {
+        "input_ids": pad_sequences(ids, pad_token_id).long(),
+        "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0).long(),
+        "loss_mask": loss_mask,
+        "rollout_logprobs": pad_sequences(old, 0.0).float(),
+        "advantages": torch.tensor([float(a) for a in advantages], dtype=torch.float32),
+    }
+
+
+def response_stats(samples: Sequence[RolloutSample]) -> dict[str, float]:
+    """Mean response length, truncated fraction, and the sampled-token entropy estimate (-mean log-prob)."""
+    if not samples:
+        return {}
+    lengths = [len(s.token_ids) for s in samples]
+    logps = [lp for s in samples for lp in s.logprobs]
+    return {
+        "response_length": sum(lengths) / len(lengths),
+        "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "entropy_estimate": -sum(logps) / len(logps) if logps else 0.0,
+    }
+
+
+# ------------------------------------------------------------------------------------ rollout pool
+class RolloutPool:
+    """The stage's rollout workers (Ray actors): requests are split across them, weights pushed to all."""
+
+    def __init__(
+        self,
+        model_path: str,
+        backend: str,
+        num_workers: int,
+        *,
+        dtype: str = "float32",
+        max_batch_size: int = 64,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+    ) -> None:
+        from kexaone_align.runtime.rollout.worker import remote_rollout_worker
+
+        if num_workers < 1:
+            raise KexaoneError(f"rollout.num_workers must be >= 1, got {num_workers}")
+        kwargs: dict[str, Any] = {"model_path": model_path, "dtype": dtype}
+        if backend == "hf":
+            kwargs["max_batch_size"] = max_batch_size
+        self.workers = [
+            remote_rollout_worker(backend, num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            for _ in range(num_workers)
+        ]
+        self._sync: Any = None
+
+    def submit(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Any]:
+        """Launch generation (Ray futures, one per worker with work); collect with :meth:`collect`."""
+        n = len(self.workers)
+        shards = [list(requests[i::n]) for i in range(n)]
+        return [w.generate.remote(s, sampling) for w, s in zip(self.workers, shards, strict=True) if s]
+
+    def collect(self, futures: Sequence[Any]) -> tuple[list[RolloutSample], dict[str, float]]:
+        """Wait for :meth:`submit`'s futures; returns the samples and the workers' throughput."""
+        import ray
+
+        started = time.perf_counter()
+        samples = [s for part in ray.get(list(futures)) for s in part]
+        waited = time.perf_counter() - started
+        stats = ray.get([w.metrics.remote() for w in self.workers])
+        tokens = sum(m.get("rollout/generated_tokens", 0.0) for m in stats)
+        seconds = max((m.get("rollout/seconds", 0.0) for m in stats), default=0.0)
+        return samples, {
+            "rollout/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "rollout/seconds": seconds,
+            "rollout/wait_s": waited,
+        }
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
+        """Synchronous :meth:`submit` + :meth:`collect`."""
+        return self.collect(self.submit(requests, sampling))[0]
+
+    def push_weights(self, learners: Any, version: int, bucket_bytes: int) -> dict[str, float]:
+        """Stream the learners' parameters to every worker as ``version`` (object store transport)."""
+        from kexaone_align.runtime.weight_sync import WeightSync, sync_from_learners
+
+        if self._sync is None:
+            self._sync = WeightSync(self.workers, transport="object_store")
+        metrics = sync_from_learners(learners.actors, self._sync, version, bucket_bytes)
+        return metrics.as_dict()
+
+    def versions(self) -> list[int]:
+        import ray
+
+        return [p["policy_version"] for p in ray.get([w.ping.remote() for w in self.workers])]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+# -------------------------------------------------------------------------------------- evaluation
+def evaluate(
+    pool: RolloutPool,
+    tokenizer: Any,
+    rows: Sequence[PromptRow],
+    grade: Any,
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    seed: int,
+    tag: str,
+) -> dict[str, float]:
+    """Held-out score by sampling (T=1.0, top-p 0.95): mean reward overall (``accuracy``) and per task.
+
+    ``grade(samples) -> list[float]`` scores verifier samples (rule verifiers or the reward combiner).
+    """
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, seed=seed
+    )
+    requests = build_requests(tokenizer, rows, samples_per_prompt, tag)
+    groups = group_samples(rows, pool.generate(requests, sampling))
+    rewards = grade(verifier_samples(tokenizer, groups))
+    assign_rewards(groups, rewards)
+    flat = [r for g in groups for r in g.rewards]
+    out = {"accuracy": sum(flat) / len(flat) if flat else 0.0, "num_samples": float(len(flat))}
+    out.update({k.split("/", 1)[1]: v for k, v in per_task_means(groups, "task").items()})
+    lengths = response_stats([s for g in groups for s in g.samples])
+    out["response_length"] = lengths.get("response_length", 0.0)
+    return out
