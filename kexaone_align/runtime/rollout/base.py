@@ -154,3 +154,14 @@ def expand_requests(requests: list[RolloutRequest]) -> list[tuple[RolloutRequest
         seen.add(req.request_id)
         rows.extend((req, i) for i in range(req.num_samples))
     return rows
+
+
+def rollout_metrics(samples: list[RolloutSample], seconds: float) -> dict[str, float]:
+    """Throughput of one ``generate`` call, in the metric names every backend reports."""
+    n_tokens = sum(len(s.token_ids) for s in samples)
+    return {
+        "rollout/samples": float(len(samples)),
+        "rollout/generated_tokens": float(n_tokens),
+        "rollout/seconds": seconds,
+        "rollout/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
+    }

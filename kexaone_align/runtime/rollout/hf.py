@@ -25,6 +25,7 @@ from kexaone_align.runtime.rollout.base import (
     SamplingConfig,
     VersionTracker,
     expand_requests,
+    rollout_metrics,
 )
 from kexaone_align.runtime.rollout.sampling import processed_logprobs, sample_seed
 
@@ -119,13 +120,7 @@ class HFRolloutBackend:
         for lo in range(0, len(rows), self.max_batch_size):
             samples.extend(self._generate_batch(rows[lo : lo + self.max_batch_size], sampling, stop))
         seconds = time.perf_counter() - start
-        n_tokens = sum(len(s.token_ids) for s in samples)
-        self.last_metrics = {
-            "rollout/samples": float(len(samples)),
-            "rollout/generated_tokens": float(n_tokens),
-            "rollout/seconds": seconds,
-            "rollout/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
-        }
+        self.last_metrics = rollout_metrics(samples, seconds)
         return samples
 
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

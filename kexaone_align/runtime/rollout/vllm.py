@@ -49,6 +49,7 @@ from kexaone_align.runtime.rollout.base import (
     RolloutSample,
     SamplingConfig,
     VersionTracker,
+    rollout_metrics,
 )
 from kexaone_align.runtime.rollout.sampling import sample_seed
 
@@ -247,13 +248,7 @@ class VLLMRolloutBackend:
             for out, req in zip(outputs, requests, strict=True)
             for s in request_output_to_samples(out, req, version)
         ]
-        n_tokens = sum(len(s.token_ids) for s in samples)
-        self.last_metrics = {
-            "rollout/samples": float(len(samples)),
-            "rollout/generated_tokens": float(n_tokens),
-            "rollout/seconds": seconds,
-            "rollout/tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
-        }
+        self.last_metrics = rollout_metrics(samples, seconds)
         return samples
 
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
