@@ -13,15 +13,6 @@ from kexaone_align.runtime.rollout.sampling import processed_logprobs
 from kexaone_align.runtime.rollout.tiny import save_tiny_exaone_moe, tiny_exaone_moe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core box they run ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_exaone_moe(seed=0)

@@ -11,15 +11,6 @@ from kexaone_align.runtime.rollout.tiny import save_tiny_exaone_moe, tiny_exaone
 from kexaone_align.runtime.rollout.worker import RolloutWorker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core box they run ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_worker_by_name_stamps_versions_and_counts_bytes(tmp_path):
     worker = RolloutWorker("hf", model_path=save_tiny_exaone_moe(tmp_path / "m"), max_batch_size=2)
     assert worker.ping()["backend"] == "hf" and worker.ping()["policy_version"] == 0

@@ -17,16 +17,6 @@ from kexaone_align.runtime.weight_sync import (
     unflatten_bucket,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core box they run ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROBE = [[1, 9, 33, 70, 4, 200, 17, 3, 88, 91, 5, 6]]  # longer than the sliding window
 
 
