@@ -117,8 +117,8 @@ def main() -> None:
     sandbox = sandbox_empty_run_cost(max(5, args.repeats * 3))
     print(f"sandbox empty run ({sandbox['isolation_mode']}): {sandbox['seconds_median'] * 1e3:.0f} ms "
           f"(bare python startup {sandbox['bare_python_startup_seconds_mean'] * 1e3:.0f} ms)", flush=True)
-    for task in sets:  # warm-up: imports, math-verify parser caches
-        score_batch(sets[task][:2], verifiers[task], max_workers=2, timeout_s=60)
+    for task in sets:  # warm-up: imports, and start every math-verify pool process before timing
+        score_batch(sets[task][: 2 * max(workers)], verifiers[task], max_workers=max(workers), timeout_s=60)
     rows = []
     for task, samples in sets.items():
         for w in workers:
