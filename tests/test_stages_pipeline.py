@@ -63,29 +63,49 @@ def test_unknown_stage_name_is_rejected() -> None:
         stage_module("dpo")
 
 
+class RecordingStage:
+    """Stands in for a later stage module: records the recipe it was given, exports nothing new."""
+
+    def __init__(self) -> None:
+        self.recipes: list = []
+
+    def run(self, recipe) -> dict:
+        self.recipes.append(recipe)
+        summary = {"stage": recipe.stage, "eval_before": {"accuracy": 0.1}, "eval_after": {"accuracy": 0.2}}
+        return {**summary, "export": recipe.model.path}
+
+
 @pytest.mark.slow
-def test_pipeline_chains_stages_through_exports_and_skips_finished_ones_on_rerun(tmp_path: Path) -> None:
+def test_pipeline_chains_stages_through_exports_and_skips_finished_ones_on_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    later = RecordingStage()
+    monkeypatch.setitem(sys.modules, "kexaone_align.stages.agapo", later)
     path = write_pipeline(
         tmp_path,
         [
             {"recipe": str(SFT_RECIPE), "overrides": FAST},
-            {"recipe": str(SFT_RECIPE), "overrides": [*FAST, "sft.lr=1e-4"]},
+            {"recipe": str(ROOT / "recipes" / "tiny" / "agapo.yaml")},
         ],
     )
     summary = run_recipe(load_recipe(path))
-    first, second = tmp_path / "pipe" / "00_sft", tmp_path / "pipe" / "01_sft"
-    assert list(summary["stages"]) == ["sft", "01_sft"]
+    first, second = tmp_path / "pipe" / "00_sft", tmp_path / "pipe" / "01_agapo"
+    assert list(summary["stages"]) == ["sft", "agapo"]
     assert summary["stages"]["sft"]["export"] == str(first / "export")
-    assert summary["export"] == str(second / "export")
-    # The second stage started from the first one's export, not from a fresh tiny model.
+    assert "eval_loss" in summary["stages"]["sft"]["eval"]
+    # The second stage starts from the first one's export (model and tokenizer), not a fresh tiny model.
+    (chained,) = later.recipes
+    assert (chained.model.source, chained.model.path) == ("pretrained", str(first / "export"))
+    assert chained.resolved_run_dir == second
     resolved = yaml.safe_load((second / "recipe.resolved.yaml").read_text())
-    assert resolved["model"]["source"] == "pretrained"
     assert resolved["model"]["path"] == str(first / "export")
-    assert not (second / "init").exists()
     on_disk = json.loads((tmp_path / "pipe" / "summary.json").read_text())
-    assert set(on_disk["stages"]) == {"sft", "01_sft"} and on_disk["wall_seconds"] > 0
-    assert "eval_loss" in on_disk["stages"]["01_sft"]["eval"]
+    assert on_disk["stages"]["agapo"]["eval_after"] == {"accuracy": 0.2} and on_disk["wall_seconds"] > 0
+    assert on_disk["stages"]["sft"]["eval"] == summary["stages"]["sft"]["eval"]
 
+    # Re-running: the finished SFT stage is not trained again; the later stage runs again (it wrote no
+    # summary.json of its own, so it does not count as finished).
     again = run_recipe(load_recipe(path))
-    assert all(stage.get("skipped") for stage in again["stages"].values())
-    assert again["stages"]["01_sft"]["eval"] == summary["stages"]["01_sft"]["eval"]
+    assert again["stages"]["sft"]["skipped"] is True
+    assert again["stages"]["sft"]["eval"] == summary["stages"]["sft"]["eval"]
+    assert len(later.recipes) == 2 and later.recipes[1].model.path == str(first / "export")
