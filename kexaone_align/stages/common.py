@@ -114,7 +114,8 @@ def start_ray(recipe: Recipe) -> None:
 
     address = recipe.cluster.address
     if address is None:
-        init_ray(None, num_cpus=max(cores, int(need + 0.999) + 1))
+        # address="local": always start our own cluster, never attach to another process's Ray.
+        init_ray(None, address="local", num_cpus=max(cores, int(need + 0.999) + 1))
     else:
         init_ray(address)
 
