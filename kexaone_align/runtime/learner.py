@@ -9,6 +9,9 @@ token budget; every micro-batch's loss is weighted by its share of the *global* 
 (loss tokens or sequences, summed over all ranks), so N learners over a split batch take the same
 step as one learner over the whole batch. Ranks with fewer micro-batches run zero-weight dummy
 ones, because ZeRO-3 gathers parameters collectively in every forward and backward.
+
+Packed rows (``data.packing.collate_packed``) carry ``sequence_ids``: positions then restart per
+sample and attention stays inside each sample (``packed_forward_kwargs``), so samples never leak.
 """
 
 from __future__ import annotations
@@ -160,16 +163,19 @@ class TokenLogprobModel(nn.Module):
             register_external_parameter(self, policy.lm_head.weight)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, with_aux: bool = False
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        target_mask: Tensor,
+        with_aux: bool = False,
+        sequence_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        out = self.policy.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_router_logits=with_aux,
-        )
+        if sequence_ids is None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        else:  # packed rows (data.packing): positions restart and attention stays inside each sample
+            inputs = _packed_inputs(input_ids, sequence_ids, self.policy.config)
+        out = self.policy.model(**inputs, use_cache=False, output_router_logits=with_aux)
         hidden = out.last_hidden_state
         select = target_mask[:, 1:].bool()
         picked = chunked_token_logprobs(
@@ -197,6 +203,20 @@ class TokenLogprobModel(nn.Module):
         return load_balancing_loss_func(
             tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask
         )
+
+
+def _packed_inputs(input_ids: Tensor, sequence_ids: Tensor, config: Any) -> dict[str, Any]:
+    """Model inputs for packed rows: per-sample positions (from ``sequence_ids``) and leak-free masks."""
+    from kexaone_align.data.packing import packed_forward_kwargs
+
+    index = torch.arange(sequence_ids.shape[1], device=sequence_ids.device).expand_as(sequence_ids)
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    batch = {"input_ids": input_ids, "position_ids": index - first, "sequence_ids": sequence_ids}
+    kwargs = packed_forward_kwargs(batch, config)
+    kwargs.pop("use_cache", None)
+    return kwargs
 
 
 def _param_numel(param: Tensor) -> int:
@@ -405,7 +425,13 @@ class Learner:
             real = i < len(micros)
             micro = micros[i] if real else self._dummy_micro_batch()
             engine.set_gradient_accumulation_boundary(i == int(num_steps) - 1)
-            logprobs, aux = engine(micro["input_ids"], micro["attention_mask"], micro["loss_mask"], with_aux)
+            logprobs, aux = engine(
+                micro["input_ids"],
+                micro["attention_mask"],
+                micro["loss_mask"],
+                with_aux,
+                micro.get("sequence_ids"),
+            )
             if real:
                 loss, metrics = loss_fn(logprobs, micro)
                 share = weights[i] / normaliser
@@ -461,7 +487,13 @@ class Learner:
         engine.eval()
         for i in range(int(num_steps)):
             micro = take(on_device, plan[i]) if i < len(plan) else self._dummy_micro_batch()
-            logprobs, _ = engine(micro["input_ids"], micro["attention_mask"], micro["loss_mask"], False)
+            logprobs, _ = engine(
+                micro["input_ids"],
+                micro["attention_mask"],
+                micro["loss_mask"],
+                False,
+                micro.get("sequence_ids"),
+            )
             if i < len(plan):
                 rows = torch.as_tensor(plan[i].rows, dtype=torch.long)
                 result[rows, plan[i].start : plan[i].stop] = logprobs.float().cpu()

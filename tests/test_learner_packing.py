@@ -1,0 +1,96 @@
+"""Packed rows through the learner: every sample scores as if it ran alone (no cross-sample leakage)."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+import torch
+
+from kexaone_align.algorithms.sft import sft_loss
+from kexaone_align.data.packing import collate_packed, pack_sequences
+from kexaone_align.runtime.batching import collate
+from kexaone_align.runtime.learner import Learner, LearnerConfig
+
+SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 4,  # shorter than the samples, so the sliding-window mask matters
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "head_dim": 16,
+}
+
+
+def sft_loss_fn(token_logprobs, batch):
+    return sft_loss(token_logprobs, batch["loss_mask"]), {}
+
+
+@pytest.fixture(scope="module")
+def learner(tmp_path_factory):
+    from kexaone_align.models import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "policy", seed=0, architecture=SMALL)
+    lrn = Learner(path, LearnerConfig(zero_stage=2, lr=1e-2, micro_batch_tokens=64))
+    lrn.setup()
+    return lrn
+
+
+def samples():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in (9, 6, 11, 7, 5):
+        ids = torch.randint(5, 500, (n,), generator=g).tolist()
+        out.append((ids, [0, 0, 0] + [1] * (n - 3)))
+    return out
+
+
+def packed_batch(rows):
+    packed = collate_packed(pack_sequences(rows, 20, sort_by_length=False))
+    return {
+        "input_ids": packed["input_ids"],
+        "attention_mask": (packed["sequence_ids"] >= 0).long(),
+        "loss_mask": packed["loss_mask"],
+        "sequence_ids": packed["sequence_ids"],
+    }, packed
+
+
+def per_sample(logprobs, packed, rows):
+    """Split packed log-probs back into each sample's loss-token values, in input order."""
+    out = {}
+    for r, row in enumerate(pack_sequences(rows, 20, sort_by_length=False)):
+        for (start, end), index in zip(row.boundaries, row.example_indices, strict=True):
+            mask = packed["loss_mask"][r, start:end].bool()
+            out[index] = logprobs[r, start:end][mask]
+    return [out[i] for i in range(len(rows))]
+
+
+def test_packed_logprobs_equal_unpacked(learner):
+    rows = samples()
+    batch, packed = packed_batch(rows)
+    assert batch["input_ids"].shape[0] < len(rows)  # several samples really share a row
+    got = per_sample(learner.forward_logprobs(batch), packed, rows)
+    plain = collate([r[0] for r in rows], [r[1] for r in rows])
+    want = learner.forward_logprobs(plain)
+    for i, (ids, mask) in enumerate(rows):
+        expected = want[i, : len(ids)][torch.tensor(mask).bool()]
+        torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-4)
+
+    # The same packed rows without sequence_ids attend across samples: scores change (the test can fail).
+    leaky = per_sample(
+        learner.forward_logprobs({k: v for k, v in batch.items() if k != "sequence_ids"}), packed, rows
+    )
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(leaky, got, strict=True))
+
+
+def test_packed_train_step_loss_matches_unpacked(learner):
+    rows = samples()
+    batch, _ = packed_batch(rows)
+    plain = collate([r[0] for r in rows], [r[1] for r in rows])
+    # Same weights for both measurements: forward_logprobs does not step.
+    expected = float(sft_loss(learner.forward_logprobs(plain), plain["loss_mask"]))
+    before = learner.steps
+    metrics = learner.train_step(batch, sft_loss_fn)
+    assert learner.steps == before + 1
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-4)
