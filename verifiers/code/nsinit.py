@@ -61,6 +61,12 @@ def _bind_ro(src, target, extra=MS_NOSUID | MS_NODEV):
 def _build_jail(job, staging, files):
     root = os.path.join(staging, "root")
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    # The scratch /tmp is mounted before the binds: a Python installation that itself lives under
+    # /tmp (a checkout in /tmp with its .venv) is then bound on top of it instead of being hidden.
+    os.makedirs(root + "/tmp")
+    uid = job["uid"] if job["uid"] is not None else 0
+    opts = f"size={int(job['scratch_mb'])}m,nr_inodes=4096,mode=700,uid={uid},gid={uid}"
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
     for path in job["binds"]:
         dst = root + path
         if os.path.islink(path) and os.path.dirname(path) == "/":
@@ -80,10 +86,6 @@ def _build_jail(job, staging, files):
         _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
     except OSError:
         _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    os.makedirs(root + "/tmp")
-    uid = job["uid"] if job["uid"] is not None else 0
-    opts = f"size={int(job['scratch_mb'])}m,nr_inodes=4096,mode=700,uid={uid},gid={uid}"
-    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
     _write_files(root + "/tmp", files, job["uid"])
     _mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     _enter_root(root)
