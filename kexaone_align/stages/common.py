@@ -114,8 +114,13 @@ def start_ray(recipe: Recipe) -> None:
 
     address = recipe.cluster.address
     if address is None:
-        # address="local": always start our own cluster, never attach to another process's Ray.
-        init_ray(None, address="local", num_cpus=max(cores, int(need + 0.999) + 1))
+        import ray
+
+        if not ray.is_initialized():  # address="local": our own cluster, never another process's Ray
+            ray.init(
+                address="local", num_cpus=max(cores, int(need + 0.999) + 1), include_dashboard=False,
+                log_to_driver=False, logging_level="warning",
+            )  # fmt: skip
     else:
         init_ray(address)
 
