@@ -111,7 +111,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
                 )  # fmt: skip
 
-            eval_before = state.get("eval_before") or evaluate("eval-before")
+            eval_before = state.get("eval_before") or evaluate("eval")
             run_.log_eval({f"eval_before/{k}": v for k, v in eval_before.items()})
             logger.warning("agapo: held-out accuracy before = %.3f", eval_before["accuracy"])
 
@@ -179,7 +179,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     {"cursor": next_cursor, "version": version, "eval_before": eval_before, **counters},
                 )
             sync()
-            eval_after = evaluate("eval-after")
+            eval_after = evaluate("eval")
             run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()})
             logger.warning("agapo: held-out accuracy after = %.3f", eval_after["accuracy"])
             summary = {

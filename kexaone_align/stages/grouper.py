@@ -136,7 +136,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
                 )  # fmt: skip
 
-            eval_before = state.get("eval_before") or evaluate("eval-before")
+            eval_before = state.get("eval_before") or evaluate("eval")
             run_.log_eval({f"eval_before/{k}": v for k, v in eval_before.items()})
             logger.warning("grouper: held-out preference reward before = %.3f", eval_before["accuracy"])
 
@@ -180,7 +180,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 run_.maybe_checkpoint(learners, {**resume, "sampled_prompts": total_sampled})
             if version > sampled_from:
                 pool.push_weights(learners, version, bucket_bytes)
-            eval_after = evaluate("eval-after")
+            eval_after = evaluate("eval")
             run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()})
             logger.warning("grouper: held-out preference reward after = %.3f", eval_after["accuracy"])
             summary = {

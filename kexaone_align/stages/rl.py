@@ -299,6 +299,8 @@ def evaluate(
     """Held-out score by sampling (T=1.0, top-p 0.95): mean reward overall (``accuracy``) and per task.
 
     ``grade(samples) -> list[float]`` scores verifier samples (rule verifiers or the reward combiner).
+    Calling it with the same ``tag`` and ``seed`` before and after training draws the same random
+    numbers for each (prompt, sample), which takes sampling noise out of the before/after difference.
     """
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, seed=seed

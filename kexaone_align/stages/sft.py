@@ -5,9 +5,9 @@ template and an assistant-only loss mask, hold some out, then run ``sft.epochs``
 ``sft.max_steps`` optimizer steps) of ``sft_loss`` on the DeepSpeed learners, evaluate held-out loss,
 checkpoint along the way and export the policy for the next stage.
 
-Rows are right-padded, not packed: the learner's forward takes a 2D attention mask and restarts no
-positions, so packed rows would attend across samples. With ``sft.packing: true`` each conversation
-still gets its own padded row (a warning and the summary say so).
+With ``sft.packing`` several conversations share a row of ``max_seq_len`` tokens (``sft.batch_size``
+then counts packed rows); the learner restarts positions and masks attention per conversation, so
+nothing leaks between them. Without it each conversation is a right-padded row of its own.
 """
 
 from __future__ import annotations
@@ -85,11 +85,34 @@ def step_rows(num_rows: int, batch_size: int, step: int, seed: int, shuffle: boo
     return order[index * batch_size : (index + 1) * batch_size]
 
 
-def make_batch(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``loss_mask`` of tokenized rows."""
+def make_batch(rows: list[Any], pad_token_id: int) -> dict[str, Tensor]:
+    """Learner batch of tokenized ``(input_ids, loss_mask)`` rows (right-padded) or of ``PackedBatch`` rows.
+
+    Packed batches carry ``sequence_ids``, which is what tells the learner to keep samples apart.
+    """
+    from kexaone_align.data.packing import PackedBatch, collate_packed
     from kexaone_align.runtime.batching import collate
 
+    if rows and isinstance(rows[0], PackedBatch):
+        packed = collate_packed(rows, pad_token_id=pad_token_id)
+        return {
+            "input_ids": packed["input_ids"],
+            "attention_mask": (packed["sequence_ids"] >= 0).long(),
+            "loss_mask": packed["loss_mask"],
+            "sequence_ids": packed["sequence_ids"],
+        }
     return collate([r[0] for r in rows], [r[1] for r in rows], pad_token_id=pad_token_id)
+
+
+def pack_rows(rows: list[tuple[list[int], list[int]]], max_seq_len: int, seed: int) -> list[Any]:
+    """Conversations packed first-fit into rows of ``max_seq_len`` tokens, after a seeded shuffle.
+
+    Shuffling first mixes short and long (reasoning and non-reasoning) conversations within a row.
+    """
+    from kexaone_align.data.packing import pack_sequences
+
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return pack_sequences([rows[i] for i in order], max_seq_len, sort_by_length=False)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -186,19 +209,18 @@ def run(recipe: Recipe) -> dict[str, Any]:
     held = tokenize_sft_rows(held_rows, tokenizer, sft.max_seq_len)
     if not train:
         raise KexaoneError("sft: no training row has an assistant token left after tokenization")
-    if sft.packing:
-        logger.warning("sft.packing: the learner does not take packed rows yet; training padded rows")
-    steps = total_steps(recipe, len(train))
+    examples = pack_rows(list(train), sft.max_seq_len, recipe.seed) if sft.packing else list(train)
+    steps = total_steps(recipe, len(examples))
     shuffle = recipe.data.shuffle
     with StageRun(recipe, steps) as run_:
         learners = make_learners(recipe, model_path, steps)
         try:
             run_.restore(learners)
             while run_.step < steps:
-                picked = step_rows(len(train), sft.batch_size, run_.step, recipe.seed, shuffle)
-                metrics = learners.train_step(make_batch([train[i] for i in picked], pad), token_nll)
+                picked = step_rows(len(examples), sft.batch_size, run_.step, recipe.seed, shuffle)
+                metrics = learners.train_step(make_batch([examples[i] for i in picked], pad), token_nll)
                 metrics["learner_tokens_per_s"] = metrics.pop("tokens_per_s", 0.0)
-                metrics["epoch"] = run_.step * sft.batch_size / len(train)
+                metrics["epoch"] = min(run_.step + 1, steps) * sft.batch_size / len(examples)
                 run_.log(metrics)
                 if sft.eval_every_steps and run_.step % sft.eval_every_steps == 0 and run_.step < steps:
                     run_.log_eval(evaluate_loss(learners, held, pad))
@@ -210,7 +232,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 "heldout_rows": len(held),
                 "truncated": len(train.truncated),
                 "dropped": len(train.dropped),
-                "packing": "padded (packing not supported by the learner)" if sft.packing else "padded",
+                "packed_rows": len(examples) if sft.packing else None,
             }
             summary = finish_stage(run_, learners, {"eval": evaluation, "data": data}, tokenizer=tok_path)
         finally:
