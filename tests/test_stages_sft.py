@@ -15,12 +15,13 @@ from kexaone_align.errors import KexaoneError
 from kexaone_align.observe import read_metrics
 from kexaone_align.runtime.checkpoint import COMPLETE_MARKER, complete_checkpoints, step_dir_name
 from kexaone_align.stages import run_recipe
-from kexaone_align.stages.sft import step_rows, total_steps
+from kexaone_align.stages.sft import make_batch, pack_rows, step_rows, total_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_RECIPE = ROOT / "recipes" / "tiny" / "sft.yaml"
 FAST = [
     "sft.max_steps=4",
+    "sft.epochs=3",  # 64 conversations pack into fewer rows than 4 batches: epochs, capped at 4 steps
     "sft.batch_size=8",
     "data.num_train=64",
     "data.num_eval=4",
@@ -76,6 +77,7 @@ def test_sft_run_writes_metrics_plots_summary_and_loadable_export(finished_run: 
     assert on_disk["eval"]["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
     assert 0.0 <= on_disk["eval"]["eval_accuracy"] <= 1.0
     assert summary["export"] == str(run_dir / "export")
+    assert 0 < on_disk["data"]["packed_rows"] < on_disk["data"]["train_rows"] == 64  # the recipe packs
 
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export")
     initial = AutoModelForCausalLM.from_pretrained(run_dir / "init")
@@ -156,3 +158,17 @@ def test_sft_rows_from_files_with_held_out_fraction(tmp_path: Path) -> None:
     train, held = load_sft_rows(recipe)
     assert (len(train), len(held)) == (15, 5)
     assert {json.dumps(r["messages"]) for r in train}.isdisjoint({json.dumps(r["messages"]) for r in held})
+
+
+def test_make_batch_packed_rows_carry_sequence_ids_and_keep_every_trained_token() -> None:
+    rows = [([5] * n, [0, 0] + [1] * (n - 2)) for n in (10, 7, 12, 6, 9)]
+    packed = pack_rows(rows, 24, seed=0)
+    assert sorted(i for r in packed for i in r.example_indices) == list(range(5))
+    batch = make_batch(packed, pad_token_id=0)
+    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "sequence_ids"}
+    assert batch["input_ids"].shape[0] == len(packed) < len(rows)
+    # every conversation's first token is never a target, the rest of the assistant tokens still are
+    assert int(batch["loss_mask"].sum()) == sum(sum(m) for _, m in rows)
+    assert torch.equal(batch["attention_mask"], (batch["sequence_ids"] >= 0).long())
+    plain = make_batch(rows, pad_token_id=0)
+    assert "sequence_ids" not in plain and plain["input_ids"].shape == (5, 12)
