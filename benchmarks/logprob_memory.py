@@ -139,9 +139,23 @@ def main() -> None:
     ap.add_argument("--max-seq-full-repeats", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--real-hidden-check", action="store_true", help="also one run each at S=1K, H=6144")
+    ap.add_argument("--real-hidden-only", action="store_true",
+                    help="only the S=1K, H=6144 check (each implementation once), with its own JSON")
     args = ap.parse_args()
     t0 = time.perf_counter()
     info = machine_info()
+    if args.real_hidden_only:
+        check = {}
+        for impl in ("chunked", "naive"):
+            check[impl] = run_point(impl, 1024, REAL_HIDDEN, args.vocab, args.chunk_size, args.threads)
+            print(f"{impl} S=1024 H={REAL_HIDDEN}: peak extra {check[impl]['peak_extra_bytes'] / 1e9:.3f} GB "
+                  f"({check[impl]['seconds']:.0f}s)", flush=True)
+        write_json(args.out, {"benchmark": "logprob_memory_real_hidden",
+                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                              "machine": info, "settings": {"seq": 1024, "hidden": REAL_HIDDEN,
+                              "vocab": args.vocab, "chunk_size": args.chunk_size, "repeats": 1},
+                              "runs": check, "total_seconds": time.perf_counter() - t0})
+        return
     chunked_seqs = [int(s) for s in args.chunked_seqs.split(",")]
     naive_seqs = [int(s) for s in args.naive_seqs.split(",")]
     chunked = sweep("chunked", chunked_seqs, args.hidden, args.vocab, args.chunk_size, args.threads,

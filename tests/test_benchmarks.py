@@ -16,12 +16,13 @@ import weight_sync  # noqa: E402
 
 
 def test_logprob_child_sees_the_naive_logits_and_not_the_chunked_ones():
-    # S=2048, V=32768: naive logits are 268 MB (x ~3 with log_softmax and grads); chunks of 128 are 17 MB.
-    naive = logprob_memory.run_point("naive", 2048, 16, 32768, 128, 1)
-    chunked = logprob_memory.run_point("chunked", 2048, 16, 32768, 128, 1)
-    logits = 2048 * 32768 * 4
+    # S=4096, V=32768: naive logits are 537 MB (x ~3 with log_softmax and grads); chunks of 128 are 17 MB,
+    # plus ~100 MB of one-off allocator/thread overhead seen in the child on this machine.
+    naive = logprob_memory.run_point("naive", 4096, 16, 32768, 128, 1)
+    chunked = logprob_memory.run_point("chunked", 4096, 16, 32768, 128, 1)
+    logits = 4096 * 32768 * 4
     assert naive["finite"] and chunked["finite"]
-    assert naive["peak_extra_bytes"] > 1.5 * logits
+    assert naive["peak_extra_bytes"] > 2 * logits
     assert chunked["peak_extra_bytes"] < 0.5 * logits
 
 
