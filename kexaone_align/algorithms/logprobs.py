@@ -61,7 +61,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_h:
                 grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
-                grad_weight.add_(grad_logits.t() @ h.to(lse.dtype))
+                grad_weight.addmm_(grad_logits.t(), h.to(lse.dtype))  # in place: no [V, H] temporary
             del grad_logits
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
