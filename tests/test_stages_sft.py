@@ -116,15 +116,17 @@ def test_resume_auto_continues_from_newest_complete_checkpoint(
     shutil.rmtree(run_dir / "export")
     (run_dir / "summary.json").unlink()
     original = [r for r in read_metrics(run_dir / "metrics.jsonl", stage="sft") if "loss" in r]
-    (run_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in original if r["step"] <= 2), encoding="utf-8"
-    )
+    with open(run_dir / "metrics.jsonl", "a") as fh:  # the crash cut the last line short
+        fh.write('{"stage": "sft", "step": 4, "lo')
 
     summary = run_recipe(fast_recipe(run_dir))
     assert summary["resumed_from"].endswith(step_dir_name(2))
     assert summary["steps"] == 4
-    resumed = [r for r in read_metrics(run_dir / "metrics.jsonl", stage="sft") if "loss" in r]
+    rows = read_metrics(run_dir / "metrics.jsonl", stage="sft")
+    resumed = [r for r in rows if "loss" in r]
+    # rows the crashed run logged after its last complete checkpoint are replaced, not duplicated
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4]
     # Same data order and restored weights/optimizer/LR state: steps 3-4 match the uninterrupted run.
     for got, want in zip(resumed[2:], original[2:], strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)

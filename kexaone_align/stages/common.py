@@ -224,17 +224,43 @@ class StageRun:
 
         point = self.resume_point()
         if point is None:
+            self._drop_metrics_after(0)
             return {}
         learners.load(point)
         state = load_trainer_state(point)
         self.step = int(state.get("step", 0))
         self.resumed_from = point
+        self._drop_metrics_after(self.step)
         logger.warning("%s: resumed from %s (step %d)", self.stage, point, self.step)
         if self.step >= self.total_steps:
             logger.warning(
                 "%s: checkpoint is already at step %d of %d", self.stage, self.step, self.total_steps
             )
         return state
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Drop this stage's metrics.jsonl rows past ``step``: a crashed run logged them, they are redone.
+
+        TensorBoard events are append-only and keep both; metrics.jsonl and the plots stay clean.
+        """
+        from kexaone_align.observe import MetricsLogger
+
+        path = self.metrics.jsonl_path
+        if not path.is_file():
+            return
+        self.metrics.close()
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                continue
+            if row.get("stage") != self.stage or int(row.get("step", 0)) <= step:
+                kept.append(line + "\n")
+        path.write_text("".join(kept), encoding="utf-8")
+        self.metrics = MetricsLogger(
+            self.run_dir, tensorboard=self.recipe.logging.tensorboard, jsonl=self.recipe.logging.jsonl
+        )
 
     # -- per step
     def log(self, metrics: dict[str, Any], *, advance: bool = True) -> None:
