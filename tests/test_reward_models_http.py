@@ -61,10 +61,15 @@ class ScriptedServer:
                     server.in_flight += 1
                     server.peak = max(server.peak, server.in_flight)
                 try:
-                    self._act(action)
+                    if action[0] == "sleep":
+                        time.sleep(action[1])
+                        action = ("ok", action[2])
                 finally:
+                    # counted as in flight until the reply is ready, not until it is written: the client
+                    # may legitimately send its next request the moment it has read this one
                     with server.lock:
                         server.in_flight -= 1
+                self._act(action)
 
             def _act(self, action):
                 kind = action[0]
