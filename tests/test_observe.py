@@ -8,7 +8,7 @@ from kexaone_align.observe import MetricsLogger, Progress, plot_metrics, read_me
 def test_metrics_jsonl_tensorboard_and_plots(tmp_path):
     with MetricsLogger(tmp_path) as logger:
         for step in range(3):
-            logger.log("agapo", step, {"loss": 1.0 / (step + 1), "reward_mean": 0.1 * step, "note": "x"})
+            logger.log("agapo", step, {"loss": 1.0 / (step + 1), "reward/math": 0.1 * step, "note": "x"})
         logger.log("agapo", 3, {"loss": math.nan})
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"stage": "agapo", "step": 9, "lo')  # a crash mid-write
@@ -18,7 +18,7 @@ def test_metrics_jsonl_tensorboard_and_plots(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     written = plot_metrics(rows, tmp_path / "plots")
     names = sorted(p.name for p in written)
-    assert names == ["agapo_loss.png", "agapo_reward.png"]
+    assert names == ["agapo_loss.png", "agapo_reward.png"]  # per-task "reward/<task>" keys are found
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
 
 
