@@ -24,7 +24,6 @@ import torch
 
 from kexaone_align.algorithms.agapo import agapo_advantages, global_normalize, leave_one_out_advantages
 from kexaone_align.config import Recipe
-from kexaone_align.data.prompts import PromptCursor
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.rollout.base import SamplingConfig
 from kexaone_align.stages import rl
@@ -89,14 +88,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
         learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": "sequences"})
         pool = None
         try:
-            pool = rl.RolloutPool(
-                str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
-                max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
-            )  # fmt: skip
+            pool = rl.rollout_pool_for(recipe, model_path)
             state = run_.restore(learners)
-            cursor = PromptCursor(train_rows, recipe.seed, shuffle=recipe.data.shuffle)
-            if state.get("cursor"):
-                cursor.load_state_dict(state["cursor"])
+            cursor = rl.restored_cursor(recipe, train_rows, state)
             version = int(state.get("version", 0))
             counter_names = ("skipped_steps", "dropped_stale", "filtered_prompts")
             counters = {k: int(state.get(k, 0)) for k in counter_names}

@@ -17,7 +17,6 @@ from typing import Any
 
 from kexaone_align.algorithms.grouper import preference_advantages
 from kexaone_align.config import Recipe
-from kexaone_align.data.prompts import PromptCursor
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.rollout.base import SamplingConfig
 from kexaone_align.stages import rl
@@ -113,14 +112,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
         learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": "sequences"})
         pool = None
         try:
-            pool = rl.RolloutPool(
-                str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
-                max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
-            )  # fmt: skip
+            pool = rl.rollout_pool_for(recipe, model_path)
             state = run_.restore(learners)
-            cursor = PromptCursor(train_rows, recipe.seed, shuffle=recipe.data.shuffle)
-            if state.get("cursor"):
-                cursor.load_state_dict(state["cursor"])
+            cursor = rl.restored_cursor(recipe, train_rows, state)
             version = run_.step  # one optimizer step per stage step
             sampled_from = 0  # the policy version the cached groups were sampled from
             if cfg.refresh_every and run_.step >= cfg.refresh_every:  # resumed past a refresh

@@ -20,7 +20,7 @@ from torch import Tensor
 from kexaone_align.algorithms.agapo import agapo_loss, importance_ratio_stats
 from kexaone_align.algorithms.grouper import grouper_loss
 from kexaone_align.data.chat_format import render_prompt
-from kexaone_align.data.prompts import PromptRow
+from kexaone_align.data.prompts import PromptCursor, PromptRow
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import pad_sequences
 from kexaone_align.runtime.rollout.base import RolloutRequest, RolloutSample, SamplingConfig
@@ -315,3 +315,20 @@ def evaluate(
     lengths = response_stats([s for g in groups for s in g.samples])
     out["response_length"] = lengths.get("response_length", 0.0)
     return out
+
+
+def rollout_pool_for(recipe: Any, model_path: Any) -> RolloutPool:
+    """The recipe's rollout workers, serving ``model_path``."""
+    roll = recipe.rollout
+    return RolloutPool(
+        str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
+        max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
+    )  # fmt: skip
+
+
+def restored_cursor(recipe: Any, train_rows: Sequence[PromptRow], state: dict[str, Any]) -> PromptCursor:
+    """The training-prompt cursor, at the position a resumed checkpoint's trainer state recorded."""
+    cursor = PromptCursor(train_rows, recipe.seed, shuffle=recipe.data.shuffle)
+    if state.get("cursor"):
+        cursor.load_state_dict(state["cursor"])
+    return cursor
