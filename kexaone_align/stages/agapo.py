@@ -7,6 +7,10 @@ filtering, leave-one-out baseline, global normalisation) and one learner step of
 against the rollout log-probs. Routers stay frozen; there is no KL term and no reference model.
 The new weights are then pushed to the rollout workers.
 
+With ``agapo.eval_every_steps = K`` the held-out evaluation also runs every K steps; each evaluation
+logs ``eval/accuracy`` and ``eval/train_seconds`` (loop wall time so far, evaluation time excluded), which
+is what a time-to-accuracy measurement reads.
+
 Off-policy pipelining: with ``rollout.max_staleness >= 1`` the rollout for step k+1 is launched
 before learning on step k (and weights reach the workers one step later), so every sample is one
 version old; groups more than ``max_staleness`` versions old are dropped and counted. With 0 the
@@ -18,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from typing import Any
 
 import torch
@@ -124,6 +129,25 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 reqs = rl.build_requests(tokenizer, rows, cfg.group_size, tag)
                 return rows, pool.submit(reqs, sampling), resume_at
 
+            clock = time.perf_counter()  # training-loop clock; periodic evaluations are subtracted
+            eval_seconds = 0.0
+
+            def train_seconds() -> float:
+                return time.perf_counter() - clock - eval_seconds
+
+            def periodic_eval() -> dict[str, float]:
+                nonlocal eval_seconds
+                if pipelined:  # finish the in-flight rollout first: it is training work, not evaluation
+                    import ray
+
+                    ray.wait(list(pending[1]), num_returns=len(pending[1]))
+                sync()
+                trained = train_seconds()
+                started = time.perf_counter()
+                result = evaluate("eval")
+                eval_seconds += time.perf_counter() - started
+                return {"eval/accuracy": result["accuracy"], "eval/train_seconds": trained}
+
             pending = launch()
             while run_.step < steps:
                 rows, futures, _ = pending
@@ -160,6 +184,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 else:  # nothing to learn from: no optimizer step, no new version
                     counters["skipped_steps"] += 1
                     metrics["skipped"] = 1.0
+                every = cfg.eval_every_steps
+                periodic = periodic_eval() if every and more and (run_.step + 1) % every == 0 else {}
                 if not pipelined and more:
                     sync_metrics = sync()
                     pending = launch()
@@ -167,14 +193,18 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 metrics.update({f"total/{k}": float(v) for k, v in counters.items()})
                 _save_rollouts(run_, recipe, groups)
                 run_.log(metrics)
+                if periodic:
+                    run_.log_eval(periodic)
                 next_cursor = pending[2] if more else cursor.state_dict()
                 run_.maybe_checkpoint(
                     learners,
                     {"cursor": next_cursor, "version": version, "eval_before": eval_before, **counters},
                 )
+            trained = train_seconds()
             sync()
             eval_after = evaluate("eval")
-            run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()})
+            final = {"eval/accuracy": eval_after["accuracy"], "eval/train_seconds": trained}
+            run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()} | final)
             logger.warning("agapo: held-out accuracy after = %.3f", eval_after["accuracy"])
             summary = {
                 "eval_before": eval_before,
