@@ -136,10 +136,15 @@ class LearnerGroup:
         """Restore ``save``'s checkpoint on every rank; returns the learner step count."""
         return self._all("load", str(directory))[0]
 
-    def export_hf(self, directory: str | Path, tokenizer_path: str | Path | None = None) -> str:
-        """Hugging Face ``save_pretrained`` of the full policy (written by rank 0)."""
+    def export_hf(
+        self,
+        directory: str | Path,
+        tokenizer_path: str | Path | None = None,
+        max_shard_bytes: int = 5 * 10**9,
+    ) -> str:
+        """Hugging Face export of the full policy, streamed shard by shard (written by rank 0)."""
         tok = None if tokenizer_path is None else str(tokenizer_path)
-        return self._all("export_hf", str(directory), tok)[0]
+        return self._all("export_hf", str(directory), tok, max_shard_bytes)[0]
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""

@@ -239,6 +239,7 @@ class Learner:
         self.world_size = 1
         self.steps = 0
         self.frozen_parameters: list[str] = []
+        self.last_export: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------- set-up
     def node_info(self) -> dict[str, Any]:
@@ -571,21 +572,53 @@ class Learner:
         self.steps = int((client_state or {}).get("learner_steps", 0))
         return self.steps
 
-    def export_hf(self, directory: str | Path, tokenizer_path: str | Path | None = None) -> str | None:
-        """Write the full policy with ``save_pretrained`` (rank 0 writes; under ZeRO-3 all ranks call)."""
-        state: dict[str, Tensor] = {}
-        for bucket in self.state_dict_stream(1 << 28):
-            if self.rank == 0:
-                state.update(bucket)
+    def export_hf(
+        self,
+        directory: str | Path,
+        tokenizer_path: str | Path | None = None,
+        max_shard_bytes: int = 5 * 10**9,
+        bucket_bytes: int = 1 << 28,
+    ) -> str | None:
+        """Write the policy in Hugging Face format, streaming (rank 0 writes; under ZeRO-3 all ranks call).
+
+        Shards of at most ``max_shard_bytes`` are written as the gathered buckets arrive
+        (``runtime.export``), so rank 0 never holds more than about one shard plus one bucket, instead
+        of the whole state dict ``save_pretrained`` would need. ``last_export`` records what was written.
+        """
+        from kexaone_align.runtime import export
+
+        self._require_engine()
+        entries = self._state_entries()
+        sharded = any(hasattr(t, "ds_id") for _, t in entries)
+        if self.rank != 0 and not sharded:
+            return None  # ZeRO-2: rank 0 has every weight, no collective to join
+        plan = export.plan_export(self.policy, entries, max_shard_bytes)
+        del entries
+        bucket_bytes = max(1, min(bucket_bytes, max_shard_bytes))
+
+        def buckets() -> Iterator[list[tuple[str, Tensor]]]:
+            for index in range(self.state_dict_num_buckets(bucket_bytes)):
+                yield self.state_dict_bucket(index, bucket_bytes)
+
         if self.rank != 0:
+            for _ in buckets():  # join every gather; rank 0 writes
+                pass
             return None
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(directory, state_dict=state)
+        writer = export.stream_export(self.policy, plan, buckets(), directory)
+        dtype = next((p.dtype for p in self.policy.parameters() if p.is_floating_point()), torch.float32)
+        export.write_model_files(self.policy, directory, dtype)
         if tokenizer_path is not None:
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(str(tokenizer_path)).save_pretrained(directory)
+        self.last_export = {
+            "files": plan.files,
+            "total_size": plan.total_size,
+            "peak_held_bytes": writer.peak_held_bytes,
+            "max_shard_bytes": max_shard_bytes,
+            "bucket_bytes": bucket_bytes,
+        }
         return str(directory)
 
     def describe(self) -> dict[str, Any]:
