@@ -58,3 +58,82 @@ def test_scripts_show_help():
     for script in ("logprob_memory.py", "verifier_throughput.py", "weight_sync.py"):
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--out" in out.stdout
+
+
+# ------------------------------------------------------------------ RL time to accuracy (ours vs TRL)
+def test_rl_time_to_accuracy_target_and_ratios():
+    import rl_time_to_accuracy as tta
+
+    curve = [{"step": s, "train_seconds": t, "accuracy": a} for s, t, a in ((0, 0.0, 0.1), (5, 7.0, 0.2),
+                                                                           (10, 15.0, 0.3))]  # fmt: skip
+    assert tta.time_to_target(curve, 0.2) == 7.0
+    assert tta.time_to_target(curve, 0.1) == 0.0
+    assert tta.time_to_target(curve, 0.31) is None
+
+    def run(system, ttt, seconds):
+        return {"system": system, "time_to_target_s": ttt, "train_seconds": seconds, "steps_per_minute": 60.0,
+                "learner_tokens_per_s": 100.0, "rollout_tokens_per_s": 50.0, "curve": curve}  # fmt: skip
+
+    summary = tta.summarize([run("ours", 10.0, 20.0), run("trl", 30.0, 40.0), run("ours", 14.0, 22.0),
+                             run("trl", 34.0, 44.0)], target=0.2)  # fmt: skip
+    assert summary["ours"]["time_to_target_s"] == 12.0 and summary["trl"]["time_to_target_s"] == 32.0
+    assert summary["ratio_trl_over_ours"]["time_to_target_s"] == pytest.approx(32.0 / 12.0)
+    assert summary["ratio_trl_over_ours"]["train_seconds"] == pytest.approx(42.0 / 21.0)
+    # One run that never reached the target: no median time to target, no ratio, and it says so.
+    partial = tta.summarize([run("ours", None, 20.0), run("ours", 10.0, 20.0), run("trl", 5.0, 40.0)], 0.2)
+    assert partial["ours"]["reached_target"] == "1/2" and partial["ours"]["time_to_target_s"] is None
+    assert partial["ratio_trl_over_ours"]["time_to_target_s"] is None
+
+
+def test_rl_time_to_accuracy_trl_config_mirrors_the_agapo_recipe(tmp_path):
+    import rl_time_to_accuracy as tta
+    from trl import GRPOConfig
+
+    from kexaone_align.errors import KexaoneError
+    from kexaone_align.models import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path / "toy", seed=0)
+    recipe = tta.stage_recipe(str(BENCH.parent / "recipes/tiny/agapo.yaml"), str(ckpt),
+                              ["agapo.is_cap=3.0", "agapo.lr=1e-4"], str(tmp_path / "run"))  # fmt: skip
+    kwargs = tta.trl_config_kwargs(recipe, str(tmp_path / "trl"), micro_batch=32)
+    cfg = recipe.agapo
+    assert (kwargs["loss_type"], kwargs["beta"], kwargs["scale_rewards"]) == ("cispo", 0.0, "batch")
+    assert kwargs["epsilon_high"] == 3.0 and kwargs["learning_rate"] == 1e-4
+    assert kwargs["num_generations"] == cfg.group_size
+    per_step = cfg.prompts_per_step * cfg.group_size
+    assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == per_step
+    assert kwargs["max_completion_length"] == recipe.rollout.max_new_tokens
+    assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"]) == (1.0, 0.95, 0)
+    args = GRPOConfig(**kwargs)  # TRL accepts every name and value
+    assert args.generation_batch_size == per_step and args.epsilon_high == 3.0
+    with pytest.raises(KexaoneError, match="trl-micro-batch"):
+        tta.trl_config_kwargs(recipe, str(tmp_path / "trl"), micro_batch=12)
+
+
+@pytest.mark.slow
+def test_rl_time_to_accuracy_quick_runs_both_systems_end_to_end(tmp_path):
+    out = tmp_path / "tta.json"
+    cmd = [sys.executable, str(BENCH / "rl_time_to_accuracy.py"), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "rl_time_to_accuracy" and data["command"] and data["machine"]["nproc"] >= 1
+    assert [r["system"] for r in data["runs"]] == ["ours", "trl"]
+    for run in data["runs"]:
+        assert run["steps"] == 2
+        assert [p["step"] for p in run["curve"]] == [0, 1, 2]  # before, every step (--quick: eval every 1)
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in run["curve"])
+        seconds = [p["train_seconds"] for p in run["curve"]]
+        assert seconds[0] == 0.0 and seconds == sorted(seconds) and seconds[-1] > 0
+        assert run["steps_per_minute"] > 0 and run["rollout_tokens_per_s"] > 0 and run["rollout_tokens"] > 0
+    trl = data["runs"][1]
+    assert trl["learner_steps"] == 2 and trl["learner_tokens_per_s"] > 0
+    # Same checkpoint, same evaluation procedure and random numbers: the before-RL accuracy must agree.
+    assert data["runs"][0]["curve"][0]["accuracy"] == trl["curve"][0]["accuracy"]
+    summary = data["summary"]
+    for system in ("ours", "trl"):
+        assert {"time_to_target_s", "steps_per_minute", "learner_tokens_per_s", "rollout_tokens_per_s",
+                "reached_target"} <= set(summary[system])  # fmt: skip
+    assert summary["ratio_trl_over_ours"]["steps_per_minute"] > 0
+    before = data["settings"]["target"]["eval_before_ours_median"]
+    assert summary["target_accuracy"] == pytest.approx(before + 0.05)  # default: accuracy before RL + 0.05
