@@ -73,6 +73,14 @@ class RolloutConfig(Section):
     )
     mtp_speculative: bool = Field(False, description="vLLM only: MTP self-speculative decoding.")
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of each weight-sync bucket in MiB.")
+    max_worker_restarts: int = Field(
+        3,
+        ge=0,
+        description="Rollout workers that die (Ray actor death) are replaced and their in-flight requests "
+        "re-issued, at most this many times per stage run; then the stage fails. While > 0 the pool keeps "
+        "the last pushed weights in Ray's object store (one policy copy) to start a replacement at the "
+        "same policy version; 0 = fail on the first death and keep no copy.",
+    )
 
 
 class LearnersConfig(Section):
@@ -140,6 +148,13 @@ class CheckpointConfig(Section):
     )
     export: bool = Field(
         True, description="Write a Hugging Face checkpoint at the end (the next stage's input)."
+    )
+    max_restarts: int = Field(
+        1,
+        ge=0,
+        description="When a Ray actor (learner or other) dies or a Ray call fails mid-stage, restart the "
+        "stage from its newest complete checkpoint (from scratch if none) up to this many times, then "
+        "fail naming the count; 0 = never restart. Errors in the recipe or data are never retried.",
     )
 
 

@@ -32,8 +32,18 @@ def stage_module(stage: str) -> Any:
 
 
 def run_recipe(recipe: Recipe) -> dict[str, Any]:
-    """Run the recipe's stage (or pipeline) to completion; returns its summary (also in summary.json)."""
-    return stage_module(recipe.stage).run(recipe)
+    """Run the recipe's stage (or pipeline) to completion; returns its summary (also in summary.json).
+
+    A stage whose Ray actors die mid-run restarts from its newest checkpoint, up to
+    ``checkpoint.max_restarts`` times (``stages.common.run_with_restarts``); a pipeline applies that to
+    each of its stages.
+    """
+    module = stage_module(recipe.stage)
+    if recipe.stage == "pipeline":
+        return module.run(recipe)
+    from kexaone_align.stages.common import run_with_restarts
+
+    return run_with_restarts(module.run, recipe)
 
 
 __all__ = ["STAGES", "run_recipe", "stage_module"]

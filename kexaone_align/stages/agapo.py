@@ -125,7 +125,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
             def launch() -> tuple[list[Any], list[Any], dict[str, Any]]:
                 resume_at = cursor.state_dict()
                 rows = cursor.next_batch(cfg.prompts_per_step)
-                tag = f"s{run_.step}-e{cursor.epoch}-o{cursor.offset}"
+                # Request ids (hence sampling seeds) from the cursor position alone, not from when the
+                # batch is launched, so a resumed run samples exactly what the uninterrupted one did.
+                tag = f"e{cursor.epoch}-o{cursor.offset}"
                 reqs = rl.build_requests(tokenizer, rows, cfg.group_size, tag)
                 return rows, pool.submit(reqs, sampling), resume_at
 

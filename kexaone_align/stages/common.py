@@ -8,6 +8,8 @@
   (learner state + trainer state) and ``checkpoint.resume`` handling.
 - ``finish_stage(run, learners, summary)``: final ``export_hf`` (with tokenizer), plots and
   ``<run_dir>/summary.json``.
+- ``run_with_restarts(run_stage, recipe)``: a stage run restarted from its newest checkpoint after a
+  Ray failure (a dead learner), up to ``checkpoint.max_restarts`` times.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
 INIT_DIR = "init"
 SUMMARY_FILE = "summary.json"
+ROLLOUTS_FILE = "rollouts.jsonl"  # AGAPO's logging.save_rollouts: one row per graded response, by step
 
 
 # ------------------------------------------------------------------------------------ policy
@@ -245,6 +248,7 @@ class StageRun:
         """
         from kexaone_align.observe import MetricsLogger
 
+        _drop_rollouts_after(self.run_dir / ROLLOUTS_FILE, step)
         path = self.metrics.jsonl_path
         if not path.is_file():
             return
@@ -280,10 +284,14 @@ class StageRun:
 
     def maybe_checkpoint(self, learners: Any, state: dict[str, Any] | None = None) -> Path | None:
         """Checkpoint when ``checkpoint.every_steps`` divides the current step (never at step 0)."""
+        from kexaone_align.runtime import faults
+
         every = self.recipe.checkpoint.every_steps
+        saved = None
         if every and self.step and self.step % every == 0:
-            return self.save_checkpoint(learners, state)
-        return None
+            saved = self.save_checkpoint(learners, state)
+        faults.fire("stage.step_done", run=self, learners=learners)  # tests inject failures here
+        return saved
 
     def save_checkpoint(self, learners: Any, state: dict[str, Any] | None = None) -> Path:
         """Atomically write ``checkpoints/step_N`` (learner state + trainer state), prune old ones."""
@@ -331,6 +339,89 @@ def finish_stage(
     out["wall_seconds"] = round(run.wall_seconds, 2)
     write_summary(run.run_dir, out)
     return out
+
+
+def _drop_rollouts_after(path: Path, step: int) -> None:
+    """Drop ``rollouts.jsonl`` rows of steps past ``step`` (redone after a resume, so never twice)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(row.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------ restarts
+def is_restartable(exc: BaseException) -> bool:
+    """A failure worth a restart from the last checkpoint: a Ray actor died or a Ray call failed.
+
+    User errors (``KexaoneError``, also when a remote call raised one) are not: a rerun repeats them.
+    """
+    from ray.exceptions import RayError
+
+    return isinstance(exc, RayError) and not isinstance(exc, KexaoneError)
+
+
+def run_with_restarts(run_stage: Any, recipe: Recipe) -> dict[str, Any]:
+    """``run_stage(recipe)``, restarted from the newest complete checkpoint after a restartable failure.
+
+    Up to ``checkpoint.max_restarts`` restarts (a warning each), then a ``KexaoneError`` naming the count.
+    Between attempts the Ray session is shut down, so every actor and placement group of the failed
+    attempt is gone even if a stage leaked one (the next attempt starts or reconnects to Ray). A restart
+    resumes from a checkpoint the failed attempts wrote (or the one the recipe resumed from); with none,
+    the stage starts again under the recipe's own ``checkpoint.resume``. The returned summary (and
+    ``summary.json``) records ``restarts``.
+    """
+    from kexaone_align.runtime.checkpoint import latest_complete_checkpoint
+
+    limit = recipe.checkpoint.max_restarts
+    root = recipe.resolved_run_dir / CHECKPOINT_DIR
+    started = time.time()
+    attempt_recipe, restarts = recipe, 0
+    while True:
+        try:
+            summary = run_stage(attempt_recipe)
+            break
+        except Exception as exc:
+            if not is_restartable(exc):
+                raise
+            if restarts >= limit:
+                raise KexaoneError(
+                    f"stage {recipe.stage!r} failed ({type(exc).__name__}: {_first_line(exc)}) after "
+                    f"{restarts} restart(s); checkpoint.max_restarts={limit}"
+                ) from exc
+            restarts += 1
+            _shutdown_ray()
+            point = latest_complete_checkpoint(root)
+            if point is not None and point.stat().st_mtime >= started - 1.0:  # written by an attempt
+                checkpoint = recipe.checkpoint.model_copy(update={"resume": str(point)})
+                attempt_recipe = recipe.model_copy(update={"checkpoint": checkpoint})
+            logger.warning(
+                "%s: %s (%s); restart %d of %d, resuming from %s", recipe.stage, type(exc).__name__,
+                _first_line(exc), restarts, limit, attempt_recipe.checkpoint.resume,
+            )  # fmt: skip
+    if isinstance(summary, dict):
+        summary["restarts"] = restarts
+        if restarts and (recipe.resolved_run_dir / SUMMARY_FILE).is_file():
+            write_summary(recipe.resolved_run_dir, summary)
+    return summary
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 from kexaone_align.config import Recipe, load_pipeline_stages, recipe_to_yaml, start_from_checkpoint
 from kexaone_align.errors import KexaoneError
 from kexaone_align.stages import stage_module
-from kexaone_align.stages.common import EXPORT_DIR, SUMMARY_FILE, write_summary
+from kexaone_align.stages.common import EXPORT_DIR, SUMMARY_FILE, run_with_restarts, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
             (stage.resolved_run_dir / "recipe.resolved.yaml").write_text(
                 recipe_to_yaml(stage), encoding="utf-8"
             )
-            result = module.run(stage)
+            result = run_with_restarts(module.run, stage)
         out["stages"][key] = result
         previous = result.get("export") or str(stage.resolved_run_dir / EXPORT_DIR)
         out["wall_seconds"] = round(time.perf_counter() - started, 2)

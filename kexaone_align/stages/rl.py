@@ -8,9 +8,10 @@ functions below are module-level so Ray can pickle them to the learner actors.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,10 @@ from kexaone_align.data.prompts import PromptCursor, PromptRow
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import pad_sequences
 from kexaone_align.runtime.rollout.base import RolloutRequest, RolloutSample, SamplingConfig
+from kexaone_align.runtime.weight_sync import SyncMetrics, WeightSync
 from kexaone_align.verifiers import Sample
+
+logger = logging.getLogger(__name__)
 
 EVAL_TEMPERATURE = 1.0  # held-out evaluation samples like the paper's rollouts: T = 1.0, top-p 0.95
 EVAL_TOP_P = 0.95
@@ -209,8 +213,27 @@ def response_stats(samples: Sequence[RolloutSample]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ rollout pool
+@dataclass
+class RolloutJob:
+    """One worker's share of a :meth:`RolloutPool.submit`: kept so it can be re-issued if the worker dies."""
+
+    index: int  # position of the worker in the pool
+    actor: Any  # the actor it was sent to (a replaced worker's jobs are recognised by this)
+    requests: list[RolloutRequest]
+    sampling: SamplingConfig
+    ref: Any  # Ray future of ``generate``
+
+
 class RolloutPool:
-    """The stage's rollout workers (Ray actors): requests are split across them, weights pushed to all."""
+    """The stage's rollout workers (Ray actors): requests are split across them, weights pushed to all.
+
+    Fault tolerance: a worker that dies (``ray.exceptions.RayActorError``) while it holds a job is
+    replaced by a new actor with the same resources, loaded with the weights the pool last pushed (so
+    it serves the same policy version), and exactly that worker's requests are re-issued to it; the
+    other workers' results are kept. Request ids make the check that nothing is lost or duplicated
+    cheap, and :meth:`collect` enforces it. After ``max_worker_restarts`` replacements the next death
+    is a ``KexaoneError``. ``rollout/worker_restarts`` in :meth:`collect`'s metrics counts them.
+    """
 
     def __init__(
         self,
@@ -222,41 +245,122 @@ class RolloutPool:
         max_batch_size: int = 64,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
+        max_worker_restarts: int = 3,
     ) -> None:
-        from kexaone_align.runtime.rollout.worker import remote_rollout_worker
-
         if num_workers < 1:
             raise KexaoneError(f"rollout.num_workers must be >= 1, got {num_workers}")
+        if max_worker_restarts < 0:
+            raise KexaoneError(f"rollout.max_worker_restarts must be >= 0, got {max_worker_restarts}")
         kwargs: dict[str, Any] = {"model_path": model_path, "dtype": dtype}
         if backend == "hf":
             kwargs["max_batch_size"] = max_batch_size
-        self.workers = [
-            remote_rollout_worker(backend, num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
-            for _ in range(num_workers)
-        ]
+        self._actor_spec: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, **kwargs}
+        self._backend = backend
+        self.workers = [self._start_worker() for _ in range(num_workers)]
+        self.max_worker_restarts = max_worker_restarts
+        self.worker_restarts = 0
+        self.version = 0  # the policy version the pool last pushed (workers start at 0: model_path)
+        self._weights: list[Any] = []  # ObjectRefs of that push's buckets (only while restarts are allowed)
+        self._jobs: dict[Any, RolloutJob] = {}  # submitted, not yet collected, by future
         self._sync: Any = None
 
+    def _start_worker(self) -> Any:
+        from kexaone_align.runtime.rollout.worker import remote_rollout_worker
+
+        return remote_rollout_worker(self._backend, **self._actor_spec)
+
     def submit(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Any]:
-        """Launch generation (Ray futures, one per worker with work); collect with :meth:`collect`."""
+        """Launch generation (Ray futures, one per worker with work); collect with :meth:`collect`.
+
+        The pool remembers which requests each future carries until it is collected.
+        """
+        from kexaone_align.runtime import faults
+
         n = len(self.workers)
-        shards = [list(requests[i::n]) for i in range(n)]
-        return [w.generate.remote(s, sampling) for w, s in zip(self.workers, shards, strict=True) if s]
+        jobs = []
+        for i, worker in enumerate(self.workers):
+            shard = list(requests[i::n])
+            if shard:
+                jobs.append(RolloutJob(i, worker, shard, sampling, worker.generate.remote(shard, sampling)))
+        self._jobs.update({job.ref: job for job in jobs})
+        faults.fire("rollout.submitted", pool=self, jobs=jobs)
+        return [job.ref for job in jobs]
 
     def collect(self, futures: Sequence[Any]) -> tuple[list[RolloutSample], dict[str, float]]:
-        """Wait for :meth:`submit`'s futures; returns the samples and the workers' throughput."""
+        """Wait for :meth:`submit`'s futures; returns the samples (in order) and the workers' throughput.
+
+        A future whose worker died is re-issued, whole, to the worker's replacement (see the class doc).
+        """
         import ray
+        from ray.exceptions import RayActorError
 
         started = time.perf_counter()
-        samples = [s for part in ray.get(list(futures)) for s in part]
+        unknown = [ref for ref in futures if ref not in self._jobs]
+        if unknown:
+            raise KexaoneError(
+                f"collect: {len(unknown)} future(s) were not submitted to this pool (or collected)"
+            )
+        jobs = [self._jobs.pop(ref) for ref in futures]
+        results: list[list[RolloutSample] | None] = [None] * len(jobs)
+        pending = {job.ref: k for k, job in enumerate(jobs)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            k = pending.pop(ready[0])
+            job = jobs[k]
+            try:
+                results[k] = ray.get(job.ref)
+            except RayActorError as exc:
+                if self.workers[job.index] is job.actor:  # not yet replaced (by an earlier job)
+                    self._replace_worker(job.index, exc)
+                actor = self.workers[job.index]
+                job = RolloutJob(job.index, actor, job.requests, job.sampling,
+                                 actor.generate.remote(job.requests, job.sampling))  # fmt: skip
+                jobs[k] = job
+                pending[job.ref] = k
+        samples = [s for part in results for s in part or []]
+        _check_complete(jobs, samples)
         waited = time.perf_counter() - started
-        stats = ray.get([w.metrics.remote() for w in self.workers])
+        stats = []
+        for w in self.workers:
+            try:
+                stats.append(ray.get(w.metrics.remote()))
+            except RayActorError:  # died after its work was done: replaced when next needed
+                pass
         tokens = sum(m.get("rollout/generated_tokens", 0.0) for m in stats)
         seconds = max((m.get("rollout/seconds", 0.0) for m in stats), default=0.0)
         return samples, {
             "rollout/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "rollout/seconds": seconds,
             "rollout/wait_s": waited,
+            "rollout/worker_restarts": float(self.worker_restarts),
         }
+
+    def _replace_worker(self, index: int, cause: BaseException) -> None:
+        """Start a new actor in place of dead worker ``index``, at the pool's current policy version."""
+        import ray
+
+        if self.worker_restarts >= self.max_worker_restarts:
+            raise KexaoneError(
+                f"rollout worker {index} died ({type(cause).__name__}) and the pool already replaced "
+                f"{self.worker_restarts} worker(s), the limit rollout.max_worker_restarts="
+                f"{self.max_worker_restarts}"
+            ) from cause
+        logger.warning(
+            "rollout worker %d died (%s); starting a replacement at policy version %d (restart %d of %d)",
+            index, type(cause).__name__, self.version, self.worker_restarts + 1, self.max_worker_restarts,
+        )  # fmt: skip
+        ray.kill(self.workers[index])  # make sure it is gone (a no-op when it is already dead)
+        worker = self._start_worker()
+        if self.version > 0:
+            if not self._weights:
+                raise KexaoneError(
+                    f"rollout worker {index} died and the weights of version {self.version} were not kept"
+                ) from cause
+            WeightSync([worker], transport="object_store").push(self.version, self._weights)
+        self.workers[index] = worker
+        if self._sync is not None:
+            self._sync.targets[index] = worker
+        self.worker_restarts += 1
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
         """Synchronous :meth:`submit` + :meth:`collect`."""
@@ -264,11 +368,13 @@ class RolloutPool:
 
     def push_weights(self, learners: Any, version: int, bucket_bytes: int) -> dict[str, float]:
         """Stream the learners' parameters to every worker as ``version`` (object store transport)."""
-        from kexaone_align.runtime.weight_sync import WeightSync, sync_from_learners
+        from kexaone_align.runtime.weight_sync import sync_from_learners
 
         if self._sync is None:
-            self._sync = WeightSync(self.workers, transport="object_store")
+            self._sync = _KeepingSync(self.workers, keep=self.max_worker_restarts > 0)
         metrics = sync_from_learners(learners.actors, self._sync, version, bucket_bytes)
+        self.version = version
+        self._weights = self._sync.kept
         return metrics.as_dict()
 
     def versions(self) -> list[int]:
@@ -282,6 +388,46 @@ class RolloutPool:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        self._weights = []
+        self._jobs = {}
+
+
+def _check_complete(jobs: Sequence[RolloutJob], samples: Sequence[RolloutSample]) -> None:
+    """Every (request id, sample index) asked for came back exactly once, and nothing else."""
+    want = {(r.request_id, i) for job in jobs for r in job.requests for i in range(r.num_samples)}
+    got = [(s.request_id, s.sample_index) for s in samples]
+    if len(got) != len(set(got)) or set(got) != want:
+        missing, extra = len(want - set(got)), len(set(got) - want)
+        raise KexaoneError(
+            f"rollout results do not match the requests: {missing} sample(s) missing, {extra} unexpected, "
+            f"{len(got) - len(set(got))} duplicated"
+        )
+
+
+class _KeepingSync(WeightSync):
+    """An object-store ``WeightSync`` that keeps the ObjectRefs of its last push (``kept``, when ``keep``)
+    so a replacement worker can be loaded with the same weights without asking the learners again."""
+
+    def __init__(self, targets: Sequence[Any], *, keep: bool) -> None:
+        super().__init__(targets, transport="object_store")
+        self.keep = keep
+        self.kept: list[Any] = []
+
+    def push(self, version: int, buckets: Iterable[Any]) -> SyncMetrics:
+        import ray
+
+        kept: list[Any] = []
+
+        def recorded() -> Iterator[Any]:
+            for bucket in buckets:
+                ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
+                if self.keep:
+                    kept.append(ref)
+                yield ref
+
+        metrics = super().push(version, recorded())
+        self.kept = kept
+        return metrics
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -323,6 +469,7 @@ def rollout_pool_for(recipe: Any, model_path: Any) -> RolloutPool:
     return RolloutPool(
         str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
         max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
+        max_worker_restarts=roll.max_worker_restarts,
     )  # fmt: skip
 
 
