@@ -366,6 +366,8 @@ def run_child(system: str, args: argparse.Namespace, checkpoint: str, overrides:
     result["rollout_tokens_per_s"] = (
         result["rollout_tokens"] / result["rollout_seconds"] if result["rollout_seconds"] > 0 else None
     )
+    # Where the loop time went: generation, learner, and the rest (grading, weight sync, batching, Ray).
+    result["other_seconds"] = result["train_seconds"] - result["rollout_seconds"] - result["learner_seconds"]
     return result
 
 
@@ -384,7 +386,8 @@ def _median_or_none(values: list[float | None]) -> float | None:
 
 def summarize(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
     """Per-system medians and TRL/ours ratios of medians (time to target only if every run reached it)."""
-    keys = ("train_seconds", "steps_per_minute", "learner_tokens_per_s", "rollout_tokens_per_s")
+    keys = ("train_seconds", "steps_per_minute", "learner_tokens_per_s", "rollout_tokens_per_s",
+            "rollout_seconds", "learner_seconds", "other_seconds", "learner_steps")  # fmt: skip
     out: dict[str, Any] = {}
     for system in SYSTEMS:
         mine = [r for r in runs if r["system"] == system]

@@ -11,6 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import logprob_memory  # noqa: E402
+import overlap  # noqa: E402
 import verifier_throughput  # noqa: E402
 import weight_sync  # noqa: E402
 
@@ -44,7 +45,7 @@ def test_memcpy_bandwidth_is_positive_and_recorded():
     assert len(out["torch_copy_"]["seconds_runs"]) == 3
 
 
-@pytest.mark.parametrize("name", ["logprob_memory", "verifier_throughput", "weight_sync"])
+@pytest.mark.parametrize("name", ["logprob_memory", "verifier_throughput", "weight_sync", "overlap"])
 def test_committed_results_are_traceable(name):
     path = BENCH / "results" / f"{name}.json"
     if not path.exists():
@@ -55,7 +56,7 @@ def test_committed_results_are_traceable(name):
 
 
 def test_scripts_show_help():
-    for script in ("logprob_memory.py", "verifier_throughput.py", "weight_sync.py"):
+    for script in ("logprob_memory.py", "verifier_throughput.py", "weight_sync.py", "overlap.py"):
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--out" in out.stdout
 
@@ -72,7 +73,9 @@ def test_rl_time_to_accuracy_target_and_ratios():
 
     def run(system, ttt, seconds):
         return {"system": system, "time_to_target_s": ttt, "train_seconds": seconds, "steps_per_minute": 60.0,
-                "learner_tokens_per_s": 100.0, "rollout_tokens_per_s": 50.0, "curve": curve}  # fmt: skip
+                "learner_tokens_per_s": 100.0, "rollout_tokens_per_s": 50.0, "curve": curve,
+                "rollout_seconds": 5.0, "learner_seconds": 4.0, "other_seconds": 1.0,
+                "learner_steps": 3}  # fmt: skip
 
     summary = tta.summarize([run("ours", 10.0, 20.0), run("trl", 30.0, 40.0), run("ours", 14.0, 22.0),
                              run("trl", 34.0, 44.0)], target=0.2)  # fmt: skip
@@ -137,3 +140,41 @@ def test_rl_time_to_accuracy_quick_runs_both_systems_end_to_end(tmp_path):
     assert summary["ratio_trl_over_ours"]["steps_per_minute"] > 0
     before = data["settings"]["target"]["eval_before_ours_median"]
     assert summary["target_accuracy"] == pytest.approx(before + 0.05)  # default: accuracy before RL + 0.05
+
+
+def test_overlap_reads_steady_step_time_from_training_rows_only(tmp_path):
+    rows = [{"stage": "agapo", "step": 0, "time": 0.0, "eval_before/accuracy": 0.0}]
+    ends = [17.0, 22.0, 24.0, 26.0, 28.0]  # steps 1-5; step 2 is slow (a warm-up step)
+    rows += [{"stage": "agapo", "step": s, "time": t, "policy_version": s} for s, t in enumerate(ends, 1)]
+    rows.append({"stage": "agapo", "step": 5, "time": 99.0, "eval_after/accuracy": 0.0})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = overlap.step_rows(path)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert overlap.steady_seconds_per_step(got, warmup=1) == pytest.approx(11 / 4)
+    assert overlap.steady_seconds_per_step(got, warmup=2) == pytest.approx(2.0)  # slow step 2 left out
+    with pytest.raises(ValueError):
+        overlap.steady_seconds_per_step(got[:1], warmup=1)
+
+
+@pytest.mark.slow
+def test_overlap_quick_mode_end_to_end(tmp_path):
+    """Both arms really run the AGAPO stage (sync at staleness 0, overlap at 1) and the JSON says so."""
+    out = tmp_path / "overlap.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "overlap.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "overlap" and data["settings"]["quick"] is True
+    assert data["settings"]["overrides"]["agapo.steps"] == 4
+    runs = {r["arm"]: r for r in data["runs"]}
+    assert set(runs) == {"sync", "overlap"} == set(data["seconds_per_step_median"])
+    assert runs["sync"]["staleness_median"] == 0 and runs["overlap"]["staleness_median"] == 1
+    for run in runs.values():
+        assert run["steps"] == 4 and run["skipped_steps"] == 0 and run["dropped_stale"] == 0
+        assert run["seconds_per_step"] > 0 and len(run["step_intervals_s"]) == 3
+        assert run["learner_step_seconds_median"] > 0 and run["rollout_seconds_median"] > 0
+    ratio = data["ratios"]["sync_over_overlap"]
+    assert ratio == pytest.approx(runs["sync"]["seconds_per_step"] / runs["overlap"]["seconds_per_step"])
