@@ -239,6 +239,7 @@ def child_trl(recipe: Any, threads: int, micro_batch: int) -> dict[str, Any]:
             )
         records.append({"prompt": text, "row_index": i})
     dataset = Dataset.from_list(records)
+    zero_variance: list[float] = []  # per step: share of prompts whose G rewards are all equal
     eos = set(tokenizer.convert_tokens_to_ids([tokenizer.eos_token])) if tokenizer.eos_token else set()
 
     def math_reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
@@ -250,7 +251,11 @@ def child_trl(recipe: Any, threads: int, micro_batch: int) -> dict[str, Any]:
                 ids = ids[:-1]
             text = tokenizer.decode(ids, skip_special_tokens=False)
             samples.append(Sample(row.messages, text, row.reference, row.task, dict(row.metadata)))
-        return grade(samples)
+        rewards = grade(samples)
+        g = cfg.group_size  # TRL hands each prompt's G completions over consecutively
+        groups = [rewards[i : i + g] for i in range(0, len(rewards), g)]
+        zero_variance.append(sum(len(set(x)) == 1 for x in groups) / len(groups))
+        return rewards
 
     model = load_policy(model_path, dtype=recipe.model.dtype)
     if cfg.freeze_router:
@@ -331,7 +336,7 @@ def child_trl(recipe: Any, threads: int, micro_batch: int) -> dict[str, Any]:
         "learner_tokens": sum(timings["learner_tokens"]),
         "learner_seconds": sum(learner_s),
         "reward_per_step": [h["reward"] for h in logs],
-        "zero_variance_frac_per_step": [h.get("frac_reward_zero_std", 0.0) for h in logs],
+        "zero_variance_frac_per_step": zero_variance,  # TRL's frac_reward_zero_std is batch-wide here
         "setup_seconds": setup_seconds,
         "eval_before_seconds": eval_before_seconds,
         "process_wall_seconds": time.perf_counter() - process_start,
