@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, verifier_file: Path)
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     summary = run_recipe(_recipe(run_dir, verifier_file))
     assert summary["restarts"] == 0 and summary["steps"] == STEPS
+    assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 0
     learned = [r for r in _steps(run_dir) if "loss" in r]
     assert learned, "the reference run never took a learner step; the comparisons would be vacuous"
     return run_dir
@@ -199,30 +201,62 @@ def test_dead_learner_without_restarts_is_a_clear_error(tmp_path: Path, verifier
     assert "ActorDied" in str(err.value) or "RayActorError" in str(err.value)
 
 
-def test_rollout_pool_gives_up_after_max_worker_restarts(reference_run: Path) -> None:
-    import ray
+def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_up(tmp_path: Path) -> None:
+    from types import SimpleNamespace
 
-    from kexaone_align.models import load_tokenizer
+    import ray
+    import torch
+
+    from kexaone_align.models import build_tiny_checkpoint, load_tokenizer
     from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
     from kexaone_align.stages import rl
 
+    class WeightSource:
+        """Stand-in learner: streams a changed checkpoint copy (local, so Ray ships it by value)."""
+
+        def __init__(self, model_path: str) -> None:
+            import torch
+
+            from kexaone_align.runtime.weight_sync import CheckpointWeightSource
+
+            self.source = CheckpointWeightSource(model_path)
+            with torch.no_grad():
+                for param in self.source.model.parameters():
+                    param.mul_(1.5)
+
+        def state_dict_stream(self, bucket_bytes: int) -> Iterator[Any]:
+            yield from self.source.state_dict_stream(bucket_bytes)
+
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    tokenizer = load_tokenizer(reference_run / "init")
-    prompt = tokenizer.encode("1+1=")
+    init = str(tmp_path / "init")
+    build_tiny_checkpoint(init, seed=0)
+    prompt = load_tokenizer(init).encode("1+1=")
     requests = [RolloutRequest(f"r{i}", prompt, 2) for i in range(4)]
     sampling = SamplingConfig(max_new_tokens=3, seed=0)
-    pool = rl.RolloutPool(str(reference_run / "init"), "hf", 2, max_worker_restarts=1)
+    pool = rl.RolloutPool(init, "hf", 2, max_worker_restarts=2)
     try:
+        # dies while holding a job: replaced, and exactly its requests re-issued
         ray.kill(pool.workers[0])
-        futures = pool.submit(requests, sampling)
-        samples, metrics = pool.collect(futures)
+        samples, metrics = pool.collect(pool.submit(requests, sampling))
         assert sorted((s.request_id, s.sample_index) for s in samples) == [
             (f"r{i}", j) for i in range(4) for j in range(2)
         ]
-        assert metrics["rollout/worker_restarts"] == 1.0
+        assert metrics["rollout/worker_restarts"] == 1.0 and pool.worker_restarts == 1
+
+        # dies during a weight push: the others get the version, the replacement starts at it too
+        before = ray.get(pool.workers[0].logits.remote([prompt]))
+        learner = ray.remote(WeightSource).options(num_cpus=0).remote(init)
         ray.kill(pool.workers[1])
-        with pytest.raises(KexaoneError, match=r"rollout.max_worker_restarts=1"):
+        pool.push_weights(SimpleNamespace(actors=[learner]), 1, 1 << 16)
+        assert pool.worker_restarts == 2 and pool.versions() == [1, 1]
+        after = ray.get([w.logits.remote([prompt]) for w in pool.workers])
+        assert torch.equal(after[0], after[1]) and not torch.allclose(after[0], before)
+        ray.kill(learner)
+
+        # the limit is reached: the next death is a clear error
+        ray.kill(pool.workers[1])
+        with pytest.raises(KexaoneError, match=r"rollout.max_worker_restarts=2"):
             pool.generate(requests, sampling)
     finally:
         pool.shutdown()

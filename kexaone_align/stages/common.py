@@ -407,7 +407,7 @@ def run_with_restarts(run_stage: Any, recipe: Recipe) -> dict[str, Any]:
             )  # fmt: skip
     if isinstance(summary, dict):
         summary["restarts"] = restarts
-        if restarts and (recipe.resolved_run_dir / SUMMARY_FILE).is_file():
+        if (recipe.resolved_run_dir / SUMMARY_FILE).is_file():
             write_summary(recipe.resolved_run_dir, summary)
     return summary
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from kexaone_align.data.prompts import PromptCursor, PromptRow
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import pad_sequences
 from kexaone_align.runtime.rollout.base import RolloutRequest, RolloutSample, SamplingConfig
-from kexaone_align.runtime.weight_sync import SyncMetrics, WeightSync
+from kexaone_align.runtime.weight_sync import WeightSync
 from kexaone_align.verifiers import Sample
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,8 @@ class RolloutPool:
             try:
                 results[k] = ray.get(job.ref)
             except RayActorError as exc:
+                if not _died(exc, job.actor):  # e.g. an argument's producer died: not this worker
+                    raise
                 if self.workers[job.index] is job.actor:  # not yet replaced (by an earlier job)
                     self._replace_worker(job.index, exc)
                 actor = self.workers[job.index]
@@ -375,6 +378,9 @@ class RolloutPool:
         metrics = sync_from_learners(learners.actors, self._sync, version, bucket_bytes)
         self.version = version
         self._weights = self._sync.kept
+        dead, self._sync.dead = self._sync.dead, {}
+        for index, cause in sorted(dead.items()):  # died during the push: replaced at the new version
+            self._replace_worker(index, cause)
         return metrics.as_dict()
 
     def versions(self) -> list[int]:
@@ -392,6 +398,17 @@ class RolloutPool:
         self._jobs = {}
 
 
+def _died(exc: BaseException, actor: Any) -> bool:
+    """Whether ``exc`` reports the death of ``actor`` itself, not of another actor its task depended on
+    (that arrives wrapped in a ``RayTaskError``)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if not isinstance(exc, RayActorError) or isinstance(exc, RayTaskError):
+        return False
+    dead_id = getattr(exc, "actor_id", None)
+    return dead_id is None or dead_id == actor._actor_id.hex()
+
+
 def _check_complete(jobs: Sequence[RolloutJob], samples: Sequence[RolloutSample]) -> None:
     """Every (request id, sample index) asked for came back exactly once, and nothing else."""
     want = {(r.request_id, i) for job in jobs for r in job.requests for i in range(r.num_samples)}
@@ -405,29 +422,62 @@ def _check_complete(jobs: Sequence[RolloutJob], samples: Sequence[RolloutSample]
 
 
 class _KeepingSync(WeightSync):
-    """An object-store ``WeightSync`` that keeps the ObjectRefs of its last push (``kept``, when ``keep``)
-    so a replacement worker can be loaded with the same weights without asking the learners again."""
+    """The pool's object-store ``WeightSync``, tolerant of rollout workers that die during a push.
+
+    With ``keep``: the ObjectRefs of the last push's buckets are kept (``kept``) so a replacement worker
+    can be loaded with the same weights without asking the learners again, and a worker that dies
+    mid-push is recorded in ``dead`` (index -> error) while the push goes on to the others (the learners'
+    bucket stream is always read to its end). Without ``keep`` a death raises, as in ``WeightSync``.
+    """
 
     def __init__(self, targets: Sequence[Any], *, keep: bool) -> None:
         super().__init__(targets, transport="object_store")
         self.keep = keep
         self.kept: list[Any] = []
+        self.dead: dict[int, BaseException] = {}
 
-    def push(self, version: int, buckets: Iterable[Any]) -> SyncMetrics:
+    def _push_object_store(self, version: int, buckets: Iterable[Any]) -> tuple[int, int, int]:
         import ray
+        from ray.exceptions import RayActorError
 
+        nbytes = ntensors = nbuckets = 0
         kept: list[Any] = []
+        inflight: deque[list[tuple[int, Any]]] = deque()
 
-        def recorded() -> Iterator[Any]:
-            for bucket in buckets:
-                ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
-                if self.keep:
-                    kept.append(ref)
-                yield ref
+        def alive() -> list[tuple[int, Any]]:
+            return [(i, w) for i, w in enumerate(self.targets) if i not in self.dead]
 
-        metrics = super().push(version, recorded())
+        def settle(acks: list[tuple[int, Any]]) -> list[Any]:
+            results = []
+            for i, ack in acks:
+                try:
+                    results.append(ray.get(ack))
+                except RayActorError as exc:  # a dead learner (the bucket's producer) is raised
+                    if not self.keep or not _died(exc, self.targets[i]):
+                        raise
+                    self.dead.setdefault(i, exc)
+            return results
+
+        def count(results: list[Any]) -> None:
+            nonlocal nbytes, ntensors
+            if results:
+                nbytes += int(results[0]["bytes"])
+                ntensors += int(results[0]["tensors"])
+
+        for bucket in buckets:
+            ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
+            if self.keep:
+                kept.append(ref)
+            inflight.append([(i, w.update_weights.remote(version, ref)) for i, w in alive()])
+            nbuckets += 1
+            del ref
+            while len(inflight) >= self.max_inflight_buckets:
+                count(settle(inflight.popleft()))
+        while inflight:
+            count(settle(inflight.popleft()))
+        settle([(i, w.finish_update.remote(version)) for i, w in alive()])
         self.kept = kept
-        return metrics
+        return nbytes, ntensors, nbuckets
 
 
 # -------------------------------------------------------------------------------------- evaluation
