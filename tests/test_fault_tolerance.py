@@ -19,8 +19,6 @@ import pytest
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime import faults
 
-pytestmark = pytest.mark.slow
-
 STEPS, PROMPTS, GROUP = 3, 2, 4
 
 VERIFIER = '''
@@ -98,6 +96,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, verifier_file: Path)
     return run_dir
 
 
+@pytest.mark.slow
 def test_reference_run_trains_every_scheduled_prompt_once(reference_run: Path, verifier_file: Path) -> None:
     from kexaone_align.data.prompts import PromptCursor
     from kexaone_align.stages import rl
@@ -113,6 +112,7 @@ def test_reference_run_trains_every_scheduled_prompt_once(reference_run: Path, v
     assert all(r["rollout/worker_restarts"] == 0.0 for r in _steps(reference_run))
 
 
+@pytest.mark.slow
 def test_killed_rollout_worker_is_replaced_and_its_prompts_reissued(
     tmp_path: Path, verifier_file: Path, reference_run: Path
 ) -> None:
@@ -140,6 +140,7 @@ def test_killed_rollout_worker_is_replaced_and_its_prompts_reissued(
     _assert_same_training(run_dir, reference_run)
 
 
+@pytest.mark.slow
 def test_crashed_agapo_run_resumes_to_the_same_metrics(
     tmp_path: Path, verifier_file: Path, reference_run: Path
 ) -> None:
@@ -162,6 +163,7 @@ def test_crashed_agapo_run_resumes_to_the_same_metrics(
     _assert_same_training(run_dir, reference_run)  # step 3 redone once, its first rows dropped
 
 
+@pytest.mark.slow
 def test_dead_learner_restarts_stage_from_checkpoint(
     tmp_path: Path, verifier_file: Path, reference_run: Path
 ) -> None:
@@ -185,6 +187,7 @@ def test_dead_learner_restarts_stage_from_checkpoint(
     _assert_same_training(run_dir, reference_run)
 
 
+@pytest.mark.slow
 def test_dead_learner_without_restarts_is_a_clear_error(tmp_path: Path, verifier_file: Path) -> None:
     import ray
 
@@ -201,6 +204,7 @@ def test_dead_learner_without_restarts_is_a_clear_error(tmp_path: Path, verifier
     assert "ActorDied" in str(err.value) or "RayActorError" in str(err.value)
 
 
+@pytest.mark.slow
 def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_up(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
@@ -260,3 +264,52 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
             pool.generate(requests, sampling)
     finally:
         pool.shutdown()
+
+
+def test_run_with_restarts_retries_ray_failures_from_the_newest_checkpoint_only(
+    tmp_path: Path, verifier_file: Path
+) -> None:
+    """The restart policy alone, with a scripted stage (no actors): which failures are retried, from
+    where, how often, and what the error says."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from kexaone_align.runtime.checkpoint import atomic_checkpoint, save_trainer_state, step_dir_name
+    from kexaone_align.stages.common import run_with_restarts
+
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoints" / step_dir_name(2)
+
+    def scripted(*failures: BaseException) -> tuple[Any, list[str]]:
+        seen: list[str] = []
+
+        def stage(recipe: Any) -> dict:
+            seen.append(recipe.checkpoint.resume)
+            if len(seen) <= len(failures):
+                if not checkpoint.exists():  # the failed attempt got as far as a checkpoint
+                    with atomic_checkpoint(checkpoint) as tmp:
+                        save_trainer_state(tmp, {"step": 2})
+                raise failures[len(seen) - 1]
+            return {"steps": 3}
+
+        return stage, seen
+
+    recipe = _recipe(run_dir, verifier_file, "checkpoint.max_restarts=2")
+    stage, seen = scripted(ActorDiedError(), ActorDiedError())
+    assert run_with_restarts(stage, recipe) == {"steps": 3, "restarts": 2}
+    assert seen == ["auto", str(checkpoint), str(checkpoint)]
+
+    stage, seen = scripted(ActorDiedError(), ActorDiedError(), ActorDiedError())
+    with pytest.raises(
+        KexaoneError, match=r"failed \(ActorDiedError.*after 2 restart\(s\); checkpoint.max_restarts=2"
+    ):
+        run_with_restarts(stage, recipe)
+    assert len(seen) == 3
+
+    # Errors a rerun would repeat are raised at once: user errors (also raised inside a Ray task) and
+    # plain exceptions of the driver.
+    user_error = RayTaskError("train_step", "traceback", KexaoneError("bad batch")).as_instanceof_cause()
+    for failure in (KexaoneError("bad recipe"), user_error, ValueError("driver bug")):
+        stage, seen = scripted(failure)
+        with pytest.raises(type(failure)):
+            run_with_restarts(stage, recipe)
+        assert len(seen) == 1, failure
