@@ -153,8 +153,9 @@ class CheckpointConfig(Section):
         1,
         ge=0,
         description="When a Ray actor (learner or other) dies or a Ray call fails mid-stage, restart the "
-        "stage from its newest complete checkpoint (from scratch if none) up to this many times, then "
-        "fail naming the count; 0 = never restart. Errors in the recipe or data are never retried.",
+        "stage from the newest complete checkpoint its failed attempts wrote (else as checkpoint.resume "
+        "says) up to this many times, then fail naming the count; 0 = never restart. Errors in the "
+        "recipe or data (KexaoneError) are never retried.",
     )
 
 
