@@ -1,6 +1,7 @@
 """The tiny K-EXAONE checkpoint: K-EXAONE's shape, loads like a real checkpoint, trains on CPU in seconds."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,21 @@ def test_train_step_runs_in_seconds(ckpt):
     # 0.6-1.4 s a step measured on 2 cores shared with other jobs (load ~5); the bound leaves headroom.
     assert sum(times[1:]) < 15, f"3 train steps took {sum(times[1:]):.1f}s"  # the first step warms up
     assert losses[-1] < losses[0]  # it learns
+
+
+def test_kernel_choices_reach_the_model_and_keep_its_outputs(ckpt):
+    import torch
+
+    from kexaone_align.config import load_recipe
+    from kexaone_align.config.derive import learner_settings
+
+    ids = torch.tensor([[5, 17, 42, 9, 3, 77]])
+    default = load_policy(ckpt)
+    eager = load_policy(ckpt, experts_implementation="eager", attn_implementation="eager")
+    assert eager.config._experts_implementation == "eager" and eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(input_ids=ids).logits, default(input_ids=ids).logits)
+    # the recipe's model section reaches the learners' settings
+    sft_yaml = Path(__file__).parents[1] / "recipes" / "tiny" / "sft.yaml"
+    recipe = load_recipe(sft_yaml, ["model.experts_implementation=grouped_mm"])
+    assert learner_settings(recipe, 10)["experts_implementation"] == "grouped_mm"

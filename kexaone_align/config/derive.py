@@ -48,6 +48,8 @@ def learner_settings(recipe: Recipe, total_steps: int) -> dict[str, Any]:
         "min_lr_ratio": learn.min_lr_ratio,
         "micro_batch_tokens": learn.micro_batch_tokens,
         "gradient_checkpointing": bool(recipe.model and recipe.model.gradient_checkpointing),
+        "attn_implementation": recipe.model.attn_implementation if recipe.model else None,
+        "experts_implementation": recipe.model.experts_implementation if recipe.model else None,
         "freeze_router": recipe.freeze_router,
         "aux_loss_coef": algo.aux_loss_coef,
         "seed": recipe.seed,

@@ -156,6 +156,11 @@ class ModelConfig(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="transformers attention kernel; None = transformers' default."
     )
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
+        None,
+        description="transformers MoE experts kernel for the learners; None = transformers' default "
+        "(grouped_mm). On CPU the per-expert 'eager' loop trains the tiny model faster (benchmarks/).",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> ModelConfig:

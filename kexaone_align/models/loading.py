@@ -88,6 +88,7 @@ def load_policy(
     device: str | torch.device | None = "cpu",
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
+    experts_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM checkpoint for training: given dtype and device, optional gradient checkpointing.
 
@@ -98,6 +99,8 @@ def load_policy(
     kwargs: dict = {"dtype": _resolve_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -60,6 +60,8 @@ class LearnerConfig:
     min_lr_ratio: float = 0.0
     micro_batch_tokens: int = 4096  # padded tokens per micro-batch (forward + backward)
     gradient_checkpointing: bool = False
+    attn_implementation: str | None = None  # transformers kernels; None = transformers' defaults
+    experts_implementation: str | None = None
     freeze_router: bool = True
     aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; 0 (off) for RL
     loss_aggregation: str = "tokens"  # how micro-batch losses combine: tokens | sequences
@@ -328,10 +330,15 @@ class Learner:
         cfg = self.config
         dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
         device = f"cuda:{torch.cuda.current_device()}" if cfg.backend == "nccl" else "cpu"
+        kwargs = {
+            "dtype": dtype,
+            "device": device,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "attn_implementation": cfg.attn_implementation,
+            "experts_implementation": cfg.experts_implementation,
+        }
         if not (cfg.zero_stage == 3 and cfg.zero3_init):
-            return load_policy(
-                self.model_path, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing
-            )
+            return load_policy(self.model_path, **kwargs)
         # While an HfDeepSpeedConfig with stage 3 is alive, from_pretrained builds the model inside
         # deepspeed.zero.Init: each rank only ever holds its shard (the 236B model needs this). It is
         # process-global, so drop it right after: later from_pretrained calls must load normally.
