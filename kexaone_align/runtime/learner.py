@@ -599,6 +599,8 @@ class Learner:
         sharded = any(hasattr(t, "ds_id") for _, t in entries)
         if self.rank != 0 and not sharded:
             return None  # ZeRO-2: rank 0 has every weight, no collective to join
+        # every rank plans (cheap: meta tensors), so a model that cannot be streamed fails on all ranks
+        # alike instead of leaving the others waiting in a ZeRO-3 gather
         plan = export.plan_export(self.policy, entries, max_shard_bytes)
         del entries
         bucket_bytes = max(1, min(bucket_bytes, max_shard_bytes))
