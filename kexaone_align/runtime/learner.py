@@ -347,9 +347,7 @@ class Learner:
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
         try:
-            return load_policy(
-                self.model_path, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing
-            )
+            return load_policy(self.model_path, **kwargs)
         finally:
             del hf_ds_config
             unset_hf_deepspeed_config()
