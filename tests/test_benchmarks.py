@@ -178,3 +178,16 @@ def test_overlap_quick_mode_end_to_end(tmp_path):
         assert run["learner_step_seconds_median"] > 0 and run["rollout_seconds_median"] > 0
     ratio = data["ratios"]["sync_over_overlap"]
     assert ratio == pytest.approx(runs["sync"]["seconds_per_step"] / runs["overlap"]["seconds_per_step"])
+
+
+def test_rl_time_to_accuracy_committed_results_are_traceable():
+    path = BENCH / "results" / "rl_time_to_accuracy.json"
+    if not path.exists():
+        pytest.skip(f"{path} not generated yet")
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == "rl_time_to_accuracy" and data["command"] and data["settings"]["recipe"]
+    systems = [r["system"] for r in data["runs"]]
+    assert systems == ["ours", "trl"] * data["settings"]["repeats"]  # interleaved
+    for run in data["runs"]:
+        assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == data["settings"]["steps"]
+    assert set(data["summary"]["ratio_trl_over_ours"]) >= {"time_to_target_s", "steps_per_minute"}
