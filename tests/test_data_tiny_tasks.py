@@ -24,8 +24,8 @@ _PROBLEM_RE = re.compile(r"(\d+) ([+-]) (\d+)")
 _BOXED_RE = re.compile(r"\\boxed\{(-?\d+)\}")
 
 
-def _problem(text: str) -> Problem:
-    a, op, b = _PROBLEM_RE.search(text).groups()
+def _problem(row: dict) -> Problem:
+    a, op, b = _PROBLEM_RE.fullmatch(row["metadata"]["problem"]).groups()
     return Problem(int(a), op, int(b))
 
 
@@ -43,7 +43,7 @@ def test_rl_splits_are_disjoint_and_heldout_has_no_repeats():
     assert len(set(held)) == len(held)
     assert not train & set(held)
     # and training SFT data never contains a held-out problem, whatever the seed
-    sft = {_problem(r["messages"][0]["content"]).text for r in generate_sft_rows(2000, 7)}
+    sft = {_problem(r).text for r in generate_sft_rows(2000, 7)}
     assert not sft & set(held)
     assert all(Problem(*_split(p)).split() == "heldout" for p in held)
 
@@ -60,7 +60,7 @@ def test_rl_references_are_the_exact_answers():
         assert row["reference"] == str(a + b if op == "+" else a - b)
         assert int(row["reference"]) >= 0 and 0 <= a <= 99 and 0 <= b <= 99
         assert row["messages"][-1]["role"] == "user"
-        assert row["metadata"]["problem"] in row["messages"][0]["content"]
+        assert re.findall(r"\d+", row["messages"][0]["content"]) == [str(a), str(b)]
         assert isinstance(row["enable_thinking"], bool)
 
 
@@ -70,8 +70,8 @@ def test_sft_mix_matches_the_requested_fractions():
     assert abs(len(thinking) / len(rows) - 0.4) < 0.04
     noisy = 0
     for row in rows:
-        user, reply = row["messages"][0]["content"], row["messages"][1]["content"]
-        problem = _problem(user)
+        reply = row["messages"][1]["content"]
+        problem = _problem(row)
         boxed = int(_BOXED_RE.search(reply).group(1))
         assert (boxed != problem.answer) == row["metadata"]["noisy"]
         noisy += row["metadata"]["noisy"]
@@ -96,17 +96,33 @@ def test_worked_steps_are_true_column_arithmetic(problem):
     x, y, r, c = map(int, re.findall(r"\d+", ones))
     assert x + sign * y == r and c == (r // 10 if sign == 1 else int(x >= 10))
     assert x % 10 == problem.a % 10 and y == problem.b % 10
-    ta, tb, c2, t = map(int, re.findall(r"\d+", tens))
+    if sign == 1:  # the carry is a separate step: "tens: 3 + 4 = 7, 7 + 1 = 8"
+        ta, tb, s, s2, c2, t = map(int, re.findall(r"\d+", tens))
+        assert s == s2 == ta + tb and t == s + c2
+    else:
+        ta, tb, c2, t = map(int, re.findall(r"\d+", tens))
+        assert t == ta - tb - c2
     assert (ta, tb, c2) == (problem.a // 10, problem.b // 10, c)
-    assert t == (ta + tb + c2 if sign == 1 else ta - tb - c2)
     assert final == f"so {problem.answer}" and 10 * t + (r % 10) == problem.answer
     assert worked_steps(problem, answer=5).endswith("so 5")
 
 
-def test_questions_never_start_with_a_number():
-    # the tiny tokenizer encodes " 37" and "37" differently; every operand must follow a space
-    for row in generate_rl_prompts(200, 0, "train"):
-        assert re.search(r"(^|[^ \d])\d", row["messages"][0]["content"]) is None, row
+def test_addition_by_default_subtraction_on_request_and_word_problems_mixed_in():
+    rows = generate_rl_prompts(400, 0, "train")
+    assert {_split(r["metadata"]["problem"])[1] for r in rows} == {"+"}
+    words = [
+        r for r in rows if "apples" in r["messages"][0]["content"] or "pens" in r["messages"][0]["content"]
+    ]
+    assert 0.2 < len(words) / len(rows) < 0.6
+    both = generate_rl_prompts(400, 0, "train", operations=["+", "-"])
+    assert {_split(r["metadata"]["problem"])[1] for r in both} == {"+", "-"}
+    assert all(int(r["reference"]) >= 0 for r in both)
+    with pytest.raises(KexaoneError, match="operations"):
+        generate_sft_rows(3, 0, operations=["*"])
+    # through a recipe's generator options too
+    assert generate_rows("tiny_arithmetic", "agapo", 5, 0, operations=["-"])[0]["metadata"]["problem"].count(
+        "-"
+    )
 
 
 def test_sft_noise_off_and_reasoning_extremes():
@@ -174,7 +190,7 @@ def test_preference_prompts_carry_ifeval_references():
                 assert f'"{kw["end_phrase"]}"' in row["messages"][0]["content"]
             else:
                 assert kind == LOWERCASE_ID and kw == {}
-        assert row["metadata"]["math_reference"] == str(_problem(row["metadata"]["problem"]).answer)
+        assert row["metadata"]["math_reference"] == str(_problem(row).answer)
 
 
 def test_write_tiny_dataset_writes_loadable_jsonl(tmp_path):

@@ -54,12 +54,16 @@ def test_roundtrip_random_utf8(tok):
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
-def test_small_numbers_and_arithmetic_are_short(tok):
-    for n in range(200):  # the tiny tasks' operands and answers
-        assert len(tok.encode(str(n), add_special_tokens=False)) == 1, n
-        assert len(tok.encode(f" {n}", add_special_tokens=False)) == 1, n
+def test_numbers_are_digit_tokens_and_arithmetic_words_are_short(tok):
+    digit_ids = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    for n in range(200):  # the tiny tasks' operands and answers: one token per digit, with or without a space
+        ids = tok.encode(str(n), add_special_tokens=False)
+        assert ids == [digit_ids[int(d)] for d in str(n)], n
+        assert tok.encode(f" {n}", add_special_tokens=False)[-len(ids) :] == ids
     question = "What is 23 + 45? The answer is 68."
-    assert len(tok.encode(question, add_special_tokens=False)) <= 14
+    assert len(tok.encode(question, add_special_tokens=False)) <= 20
+    for word in ("ones", "tens", " carry", " borrow"):  # the worked-steps vocabulary of the tiny tasks
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
 
 
 def test_newline_runs_encode_the_same_in_any_context(tok):

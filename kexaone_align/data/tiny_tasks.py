@@ -3,37 +3,36 @@
 Everything is generated from a seed with Python's ``random`` (no network, no files read), so the same
 seed always gives byte-identical JSONL.
 
-**Problems.** Two-operand arithmetic on 1-2 digit numbers: ``a + b`` and ``a - b`` with
-``0 <= a, b <= 99`` and ``a >= b`` for subtraction (answers are never negative). Operands are drawn as
-1-digit or 2-digit with equal odds, so easy (``3 + 4``) and carrying (``37 + 45``) problems are both
-common. Every problem belongs to exactly one partition, fixed by a hash of its text and independent of
-the seed: about 20% are **held-out** and never appear in any training file (SFT or RL), so held-out
-accuracy measures arithmetic, not memorisation.
+**Problems.** Two-operand addition on 1-2 digit numbers, ``a + b`` with ``0 <= a, b <= 99``, asked
+plainly (``"What is 37 + 45?"``) or as a short word problem (``"Ann has 37 apples and gets 45 more. How
+many apples does she have now?"``); ``operations=["+", "-"]`` adds subtraction (``a >= b``, answers never
+negative). Operands are drawn as 1-digit or 2-digit with equal odds, so easy (``3 + 4``) and carrying
+(``37 + 45``) problems are both common. Every problem belongs to exactly one partition, fixed by a hash of
+its text and independent of the seed: about 20% are **held-out** and never appear in any training file
+(SFT or RL), so held-out accuracy measures arithmetic, not memorisation.
 
-**SFT rows** (``generate_sft_rows``): one user turn (``"What is 37 + 45?"`` in a few phrasings) and one
-assistant turn ending in ``The answer is \\boxed{82}.``. Reasoning rows (``enable_thinking: true``,
-``reasoning_fraction`` of them) put a column-arithmetic trace first::
+**SFT rows** (``generate_sft_rows``): one user turn and one assistant turn ending in
+``The answer is \\boxed{82}.``. Reasoning rows (``enable_thinking: true``, ``reasoning_fraction`` of them)
+put a column-arithmetic trace first::
 
     <think>
     ones: 7 + 5 = 12, carry 1
-    tens: 3 + 4 + 1 = 8
+    tens: 3 + 4 = 7, 7 + 1 = 8
     so 82
     </think>
 
-Each step is a one-digit fact that the training problems cover many times over, so a held-out problem
-is a new combination of familiar steps and reasoning mode can generalise (in a probe, the 4M-parameter
-tiny model reached 20% greedy / 9% sampled held-out accuracy after 5 single-thread CPU minutes of SFT,
-about its accuracy on training problems). Non-reasoning rows have no trace and must answer from memory,
-so RL prompts default to reasoning mode. Two deliberate imperfections leave headroom for later stages:
+Each step is a one-digit fact that the training problems cover many times over (both columns use the
+same addition table; the carry is its own ``+ 1`` step), and the tiny tokenizer writes one token per
+digit, so a held-out problem is a new combination of familiar steps and reasoning mode can generalise.
+Non-reasoning rows have no trace and must answer from memory, so RL prompts default to reasoning mode.
+Two deliberate imperfections leave headroom for the later stages:
 
-* ``answer_noise`` (default 0.25) of the rows end with a wrong answer (off by 1 or 10, the trace's last
-  number changed to match), so the SFT model samples wrong answers at temperature 1.0 and AGAPO's
-  verifiable reward has something to fix;
-* ``style_fraction`` (default 0.4) of the rows add a style instruction to the question (reply in
-  lowercase; end the reply with a given word), and only ``style_compliance`` (default 0.5) of those
-  answers obey it, so the SFT model follows style instructions at most half the time and GROUPER's
-  rule reward has something to raise (the probe above: 14% mean ``ifeval`` reward on held-out
-  preference prompts, sampled at temperature 1.0; 7% with ``style_fraction`` 0.3).
+* ``answer_noise`` of the rows end with a wrong answer (off by 1 or 10, the trace's last number changed
+  to match), so the SFT model samples wrong answers at temperature 1.0 even when its columns are right,
+  and AGAPO's verifiable reward has something to fix;
+* ``style_fraction`` of the rows add a style instruction to the question (reply in lowercase; end the
+  reply with a given word), and only ``style_compliance`` of those answers obey it, so the SFT model
+  follows style instructions only part of the time and GROUPER's rule reward has something to raise.
 
 **RL prompts** (``generate_rl_prompts``): ``task: "math"`` rows with the exact answer as ``reference``,
 graded by the ``math`` verifier from ``\\boxed{}`` (or the final line). The ``train`` and ``heldout``
@@ -70,8 +69,17 @@ END_WORDS = ("done", "thanks", "bye")
 LOWERCASE_ID = "change_case:english_lowercase"
 END_CHECKER_ID = "startend:end_checker"
 
-# Numbers always follow a space: the tiny tokenizer has one token per " 37" (and a different one for "37").
+# The tiny tokenizer writes every digit as its own token, so "37" and " 37" share the digit tokens.
 _QUESTION_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Find {a} {op} {b}.")
+_WORD_TEMPLATES = {  # short word problems: the same arithmetic, the numbers inside a sentence
+    "+": (
+        "Ann has {a} apples and gets {b} more. How many apples does she have now?",
+        "A box holds {a} pens and another holds {b}. How many pens are there in all?",
+    ),
+    "-": ("Ann has {a} apples and gives away {b}. How many apples does she have left?",),
+}
+OPERATIONS = ("+", "-")
+DEFAULT_OPERATIONS = ("+",)
 _LOWERCASE_TEXT = "Reply in lowercase letters only."
 _END_TEXT = 'End your reply with the word "{word}".'
 
@@ -112,13 +120,15 @@ def _operand(rng: random.Random) -> int:
     return rng.randint(0, 9) if rng.random() < 0.5 else rng.randint(10, MAX_OPERAND)
 
 
-def _problems(rng: random.Random, split: str, *, unique: bool) -> Iterator[Problem]:
+def _problems(
+    rng: random.Random, split: str, *, unique: bool, operations: tuple[str, ...] = DEFAULT_OPERATIONS
+) -> Iterator[Problem]:
     """Endless stream of problems from ``split``; with ``unique`` no problem repeats until all were used."""
     seen: set[Problem] = set()
-    pool_size = _partition_size(split) if unique else 0
+    pool_size = _partition_size(split, operations) if unique else 0
     while True:
         a, b = _operand(rng), _operand(rng)
-        op = "+" if rng.random() < 0.5 else "-"
+        op = operations[0] if len(operations) == 1 else rng.choice(operations)
         if op == "-" and a < b:
             a, b = b, a
         problem = Problem(a, op, b)
@@ -134,27 +144,41 @@ def _problems(rng: random.Random, split: str, *, unique: bool) -> Iterator[Probl
 
 
 @functools.cache
-def _partition_size(split: str) -> int:
-    return sum(1 for p in _all_problems() if p.split() == split)
+def _partition_size(split: str, operations: tuple[str, ...]) -> int:
+    return sum(1 for p in _all_problems(operations) if p.split() == split)
 
 
-def _all_problems() -> Iterator[Problem]:
+def _all_problems(operations: tuple[str, ...]) -> Iterator[Problem]:
     for a in range(MAX_OPERAND + 1):
         for b in range(MAX_OPERAND + 1):
-            yield Problem(a, "+", b)
-            if a >= b:
+            if "+" in operations:
+                yield Problem(a, "+", b)
+            if "-" in operations and a >= b:
                 yield Problem(a, "-", b)
 
 
+def _check_operations(operations: Any) -> tuple[str, ...]:
+    ops = tuple(operations) if isinstance(operations, (list, tuple)) else (operations,)
+    if not ops or any(op not in OPERATIONS for op in ops) or len(set(ops)) != len(ops):
+        raise KexaoneError(
+            f"tiny tasks: operations must be a non-empty list of distinct {list(OPERATIONS)}, "
+            f"got {operations!r}"
+        )
+    return ops
+
+
 def _question(problem: Problem, rng: random.Random) -> str:
-    return rng.choice(_QUESTION_TEMPLATES).format(a=problem.a, op=problem.op, b=problem.b)
+    templates = _QUESTION_TEMPLATES + _WORD_TEMPLATES[problem.op]
+    return rng.choice(templates).format(a=problem.a, op=problem.op, b=problem.b)
 
 
 def worked_steps(problem: Problem, answer: int | None = None) -> str:
     """Column arithmetic, one line per column, then the result: ``ones: ...`` / ``tens: ...`` / ``so 82``.
 
-    Every line is a one-digit fact (or a carry/borrow) that training data covers for every problem, so a
-    held-out problem is a new combination of seen steps. ``answer`` overrides the final number (noise).
+    Every step is a one-digit fact (or adding the carry, subtracting the borrow) that training data covers
+    for every problem, so a held-out problem is a new combination of seen steps. For addition both columns
+    use the same one-digit table (the carry is added as a separate ``+ 1`` step), which is what lets the
+    tiny model learn it from a few thousand conversations. ``answer`` overrides the final number (noise).
     """
     a, op, b = problem.a, problem.op, problem.b
     final = problem.answer if answer is None else answer
@@ -162,7 +186,7 @@ def worked_steps(problem: Problem, answer: int | None = None) -> str:
     if op == "+":
         carry = (ua + ub) // 10
         ones = f"ones: {ua} + {ub} = {ua + ub}, carry {carry}"
-        tens = f"tens: {ta} + {tb} + {carry} = {ta + tb + carry}"
+        tens = f"tens: {ta} + {tb} = {ta + tb}, {ta + tb} + {carry} = {ta + tb + carry}"
     else:
         borrow = int(ua < ub)
         top = ua + 10 * borrow
@@ -211,6 +235,7 @@ def generate_sft_rows(
     answer_noise: float = 0.25,
     style_fraction: float = 0.4,
     style_compliance: float = 0.5,
+    operations: tuple[str, ...] | list[str] = DEFAULT_OPERATIONS,
 ) -> list[dict[str, Any]]:
     """``n`` conversational SFT rows (``messages``, ``enable_thinking``, ``id``, ``metadata``).
 
@@ -226,7 +251,7 @@ def generate_sft_rows(
         style_compliance=style_compliance,
     )
     rng = random.Random(f"kexaone-tiny-sft-{split}-{seed}")
-    problems = _problems(rng, split, unique=False)
+    problems = _problems(rng, split, unique=False, operations=_check_operations(operations))
     rows = []
     for i in range(n):
         problem = next(problems)
@@ -237,7 +262,9 @@ def generate_sft_rows(
         reply = f"The answer is \\boxed{{{answer}}}."
         if thinking:
             reply = f"<think>\n{worked_steps(problem, answer)}\n</think>\n\n{reply}"
-        metadata: dict[str, Any] = {"answer": str(problem.answer), "noisy": noisy, "split": split}
+        metadata: dict[str, Any] = {
+            "answer": str(problem.answer), "problem": problem.text, "noisy": noisy, "split": split,
+        }  # fmt: skip
         if rng.random() < style_fraction:
             ids, kwargs, texts = _style_instructions(rng)
             question = " ".join([question, *texts])
@@ -257,7 +284,12 @@ def generate_sft_rows(
 
 
 def generate_rl_prompts(
-    n: int, seed: int, split: str = "train", *, reasoning_fraction: float = 1.0
+    n: int,
+    seed: int,
+    split: str = "train",
+    *,
+    reasoning_fraction: float = 1.0,
+    operations: tuple[str, ...] | list[str] = DEFAULT_OPERATIONS,
 ) -> list[dict[str, Any]]:
     """``n`` verifiable math prompts ``{"id", "messages", "task": "math", "reference", "enable_thinking"}``.
 
@@ -267,7 +299,7 @@ def generate_rl_prompts(
     """
     _check_common(n, split, reasoning_fraction=reasoning_fraction)
     rng = random.Random(f"kexaone-tiny-rl-{split}-{seed}")
-    problems = _problems(rng, split, unique=True)
+    problems = _problems(rng, split, unique=True, operations=_check_operations(operations))
     rows = []
     for i in range(n):
         problem = next(problems)
@@ -285,12 +317,17 @@ def generate_rl_prompts(
 
 
 def generate_preference_prompts(
-    n: int, seed: int, split: str = "train", *, reasoning_fraction: float = 0.5
+    n: int,
+    seed: int,
+    split: str = "train",
+    *,
+    reasoning_fraction: float = 0.5,
+    operations: tuple[str, ...] | list[str] = DEFAULT_OPERATIONS,
 ) -> list[dict[str, Any]]:
     """``n`` style-instruction prompts: ``task: "ifeval"``, reference ``{instruction_id_list, kwargs}``."""
     _check_common(n, split, reasoning_fraction=reasoning_fraction)
     rng = random.Random(f"kexaone-tiny-pref-{split}-{seed}")
-    problems = _problems(rng, split, unique=True)
+    problems = _problems(rng, split, unique=True, operations=_check_operations(operations))
     rows = []
     for i in range(n):
         problem = next(problems)

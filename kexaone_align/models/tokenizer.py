@@ -2,7 +2,7 @@
 
 The real K-EXAONE tokenizer (150k SuperBPE vocabulary) cannot be downloaded here, so the tiny kit trains a
 small byte-level BPE on a built-in corpus. Byte-level means any UTF-8 text encodes and decodes exactly;
-the corpus is English prose, digits and arithmetic, so small numbers and math words are a token or two.
+the corpus is English prose, digits and arithmetic, so math words are a token or two and every digit is a token.
 Training is single-threaded over a fixed corpus, so the same code always builds the same tokenizer.
 
 The chat format reproduces the structure of K-EXAONE's published template (the EXAONE 4.0 layout with
@@ -163,11 +163,13 @@ def _arithmetic_lines() -> list[str]:
             lines.append(f"What is {a} + {b}? {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}.")
             lines.append(f"Compute {a} * {b}. We get {a} * {b} = {a * b}.")
             lines.append(f"{a} - {b} = {a - b}, and {a + b} / {b} is about {round((a + b) / b, 2)}.")
-    for n in range(200):  # every number up to 199 becomes a single token
+    for n in range(200):
         lines.append(f"{n} + 1 = {n + 1}, {n} - 1 = {n - 1}, so {n} is between {n - 1} and {n + 1}.")
         lines.append(f"{n}: the answer is \\boxed{{{n}}}. Reply done. The answer is \\boxed{{{n}}}.")
     for i, word in enumerate(_NUMBER_WORDS):
         lines.append(f"The number {word} is written as {i if i < 13 else 10 ** (i - 11)}.")
+    for d in range(10):  # column arithmetic in words: ones, tens, carry, borrow
+        lines.append(f"ones: {d} + {9 - d} = 9, carry 0\ntens: {d} - {d} - 0 = 0, borrow 0\nso {d}")
     return lines
 
 
@@ -184,8 +186,11 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizer
     tokenizer = Tokenizer(models.BPE())
     # Newline runs are their own pre-tokens, so "\n\n" encodes the same at the end of a generation prompt
     # as in the middle of a turn ("</think>\n\nThe"), and the SFT and inference token streams agree.
+    # Digits are split one per token (as in Qwen's and DeepSeek's tokenizers): a number is a sequence of
+    # digit tokens, so column arithmetic is copying digits, not recalling how each 2-digit token is spelt.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]

@@ -35,7 +35,7 @@ from kexaone_align.stages.common import (
 
 logger = logging.getLogger(__name__)
 EVAL_BATCH_ROWS = 64
-ACCURACY_ROWS = 50  # held-out prompts answered greedily after training (tiny generator only)
+ACCURACY_ROWS = 200  # held-out prompts answered greedily after training (tiny generator only)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -141,6 +141,10 @@ def evaluate_loss(
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
+def _prompt_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in row["messages"] if m["role"] != "assistant"]
+
+
 def greedy_accuracy(
     model_dir: str, rows: list[dict[str, Any]], limit: int, max_new_tokens: int = 160
 ) -> dict[str, float]:
@@ -148,7 +152,7 @@ def greedy_accuracy(
 
     Only for the tiny generator, whose rows carry the true answer in ``metadata.answer``. Reported overall
     and per mode: non-reasoning rows must answer unseen problems from memory, reasoning rows can work
-    them out digit by digit, so the two differ a lot.
+    them out digit by digit, so the two differ a lot. Prompts are decoded in left-padded batches.
     """
     from transformers import AutoModelForCausalLM
 
@@ -160,25 +164,25 @@ def greedy_accuracy(
         return {}
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
     results: dict[bool, list[bool]] = {True: [], False: []}
     formatted = 0
-    for row in rows:
-        prompt = [m for m in row["messages"] if m["role"] != "assistant"]
-        thinking = bool(row.get("enable_thinking"))
-        ids = torch.tensor([render_prompt(tok, prompt, thinking)])
+    for start in range(0, len(rows), EVAL_BATCH_ROWS):
+        chunk = rows[start : start + EVAL_BATCH_ROWS]
+        prompts = [render_prompt(tok, _prompt_messages(r), bool(r.get("enable_thinking"))) for r in chunk]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        found = [f.strip() for f in _BOXED.findall(text)]
-        formatted += bool(found and found[-1])
-        results[thinking].append(bool(found) and found[-1] == str(row["metadata"]["answer"]))
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tok.eos_token_id, pad_token_id=pad,
+            )  # fmt: skip
+        for row, generated in zip(chunk, out[:, width:], strict=True):
+            found = [f.strip() for f in _BOXED.findall(tok.decode(generated, skip_special_tokens=True))]
+            formatted += bool(found and found[-1])
+            correct = bool(found) and found[-1] == str(row["metadata"]["answer"])
+            results[bool(row.get("enable_thinking"))].append(correct)
     scored = results[True] + results[False]
     out_metrics = {"eval_accuracy": sum(scored) / len(scored), "eval_boxed_frac": formatted / len(rows)}
     for thinking, name in ((True, "reasoning"), (False, "non_reasoning")):
