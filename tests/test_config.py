@@ -328,6 +328,9 @@ def test_start_from_checkpoint_chains_stages(tmp_path: Path) -> None:
     assert chained.tokenizer.source == "pretrained" and chained.tokenizer.path is None
     assert chained.agapo == agapo.agapo and chained.source_path == agapo.source_path
     assert agapo.model.source == "tiny"  # the original is untouched
+    # what the recipe left unset stays unset, so stage defaults still apply (RL prompts in reasoning mode)
+    assert "reasoning_fraction" not in chained.data.model_fields_set
+    assert chained.data.model_fields_set == agapo.data.model_fields_set
 
 
 def test_tiny_recipe_architecture_matches_the_models_kit() -> None:

@@ -258,9 +258,11 @@ def start_from_checkpoint(recipe: Recipe, checkpoint_dir: str | Path) -> Recipe:
     """
     if recipe.model is None:
         raise KexaoneError("start_from_checkpoint needs a stage recipe with a model section")
-    data = recipe.model_dump(mode="json")
-    data["model"].update(source="pretrained", path=str(checkpoint_dir))
-    data["tokenizer"].update(source="pretrained", path=None)
+    # Only what the recipe set: re-validating then fills the same defaults and keeps "unset" meaning
+    # "the stage's own default" (e.g. RL prompts in reasoning mode unless data.reasoning_fraction is set).
+    data = recipe.model_dump(mode="json", exclude_unset=True)
+    data.setdefault("model", {}).update(source="pretrained", path=str(checkpoint_dir))
+    data.setdefault("tokenizer", {}).update(source="pretrained", path=None)
     try:
         chained = Recipe.model_validate(data)
     except ValidationError as exc:
