@@ -290,8 +290,10 @@ def test_schedule_steps_and_learner_settings() -> None:
 
     wsd = load_recipe(BIG / "sft.yaml")  # wsd, 50 warmup, decay over the last 10%
     assert schedule_steps(wsd, 1050) == {"warmup_steps": 50, "stable_steps": 900, "decay_steps": 100}
-    cos = load_recipe(TINY / "sft.yaml")  # cosine, 10 warmup
+    cos = load_recipe(TINY / "sft.yaml", ["learners.lr_schedule=cosine"])  # cosine, 10 warmup
     assert schedule_steps(cos, 100) == {"warmup_steps": 10, "stable_steps": 0, "decay_steps": 90}
+    tiny_wsd = load_recipe(TINY / "sft.yaml")  # wsd, 10 warmup, decay over the last 20%
+    assert schedule_steps(tiny_wsd, 100) == {"warmup_steps": 10, "stable_steps": 72, "decay_steps": 18}
     const = load_recipe(TINY / "agapo.yaml", ["learners.grad_clip=null"])
     settings = learner_settings(const, 40)
     assert settings["lr"] == const.agapo.lr and settings["freeze_router"] is True
@@ -331,6 +333,15 @@ def test_start_from_checkpoint_chains_stages(tmp_path: Path) -> None:
     # what the recipe left unset stays unset, so stage defaults still apply (RL prompts in reasoning mode)
     assert "reasoning_fraction" not in chained.data.model_fields_set
     assert chained.data.model_fields_set == agapo.data.model_fields_set
+
+
+def test_pipeline_stages_keep_unset_fields_unset() -> None:
+    from kexaone_align.config.loading import load_pipeline_stages
+
+    stages = load_pipeline_stages(load_recipe(TINY / "pipeline.yaml"))
+    agapo = next(s for s in stages if s.stage == "agapo")
+    assert agapo.data.model_fields_set == load_recipe(TINY / "agapo.yaml").data.model_fields_set
+    assert "reasoning_fraction" not in agapo.data.model_fields_set  # RL prompts keep reasoning mode
 
 
 def test_tiny_recipe_architecture_matches_the_models_kit() -> None:

@@ -241,7 +241,9 @@ def load_pipeline_stages(recipe: Recipe) -> list[Recipe]:
         if updates:  # re-validated: the pipeline's model must suit the stage's layout too
             source, warnings = stage.source_path, stage.warnings
             try:
-                stage = Recipe.model_validate({**stage.model_dump(mode="json"), **updates})
+                # exclude_unset: fields the stage recipe left unset stay unset (stage defaults apply)
+                given = stage.model_dump(mode="json", exclude_unset=True)
+                stage = Recipe.model_validate({**given, **updates})
             except ValidationError as exc:
                 where = f"{entry.recipe} (pipeline stage {i}, with the pipeline's model)"
                 raise KexaoneError(format_validation_error(exc, where, {}, set())) from None
