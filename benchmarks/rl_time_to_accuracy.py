@@ -257,7 +257,10 @@ def child_trl(recipe: Any, threads: int, micro_batch: int) -> dict[str, Any]:
         zero_variance.append(sum(len(set(x)) == 1 for x in groups) / len(groups))
         return rewards
 
-    model = load_policy(model_path, dtype=recipe.model.dtype)
+    # the same MoE kernel our learners use (recipe's model.experts_implementation)
+    model = load_policy(
+        model_path, dtype=recipe.model.dtype, experts_implementation=recipe.model.experts_implementation
+    )
     if cfg.freeze_router:
         freeze_router(model)
     gen_eos = model.generation_config.eos_token_id

@@ -146,7 +146,7 @@ def _prompt_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def greedy_accuracy(
-    model_dir: str, rows: list[dict[str, Any]], limit: int, max_new_tokens: int = 160
+    model_dir: str, rows: list[dict[str, Any]], limit: int, max_new_tokens: int = 96
 ) -> dict[str, float]:
     """Greedy held-out accuracy of the exported model on generated arithmetic rows (last ``\\boxed{}``).
 
