@@ -159,7 +159,7 @@ class ModelConfig(Section):
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
         None,
         description="transformers MoE experts kernel for the learners; None = transformers' default "
-        "(grouped_mm). On CPU the per-expert 'eager' loop trains the tiny model faster (benchmarks/).",
+        "(grouped_mm); benchmarks/moe_kernels.py times them on a given machine.",
     )
 
     @model_validator(mode="after")
