@@ -45,7 +45,9 @@ def test_memcpy_bandwidth_is_positive_and_recorded():
     assert len(out["torch_copy_"]["seconds_runs"]) == 3
 
 
-@pytest.mark.parametrize("name", ["logprob_memory", "verifier_throughput", "weight_sync", "overlap"])
+@pytest.mark.parametrize(
+    "name", ["logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels"]
+)
 def test_committed_results_are_traceable(name):
     path = BENCH / "results" / f"{name}.json"
     if not path.exists():
@@ -56,7 +58,8 @@ def test_committed_results_are_traceable(name):
 
 
 def test_scripts_show_help():
-    for script in ("logprob_memory.py", "verifier_throughput.py", "weight_sync.py", "overlap.py"):
+    scripts = ("logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels")
+    for script in (f"{name}.py" for name in scripts):
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--out" in out.stdout
 
@@ -191,3 +194,15 @@ def test_rl_time_to_accuracy_committed_results_are_traceable():
     for run in data["runs"]:
         assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == data["settings"]["steps"]
     assert set(data["summary"]["ratio_trl_over_ours"]) >= {"time_to_target_s", "steps_per_minute"}
+
+
+def test_moe_kernels_quick_times_each_kernel_on_identical_logits(tmp_path):
+    import moe_kernels
+
+    out = moe_kernels.main(["--quick", "--threads", "1", "--out", str(tmp_path / "mk.json")])
+    assert json.loads((tmp_path / "mk.json").read_text())["benchmark"] == "moe_kernels"
+    assert set(out["results"]) == set(moe_kernels.KERNELS)
+    for result in out["results"].values():
+        assert result["max_abs_logit_diff_vs_first"] < 1e-4  # same weights, same function
+        assert len(result["train_step_s_runs"]) == 2 and result["train_step_s_median"] > 0
+    assert out["results"]["grouped_mm"]["train_speedup_vs_grouped_mm"] == 1.0
