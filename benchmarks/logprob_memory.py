@@ -90,16 +90,34 @@ def child(impl: str, seq: int, hidden_size: int, vocab: int, chunk: int, threads
 
 
 def run_point(impl: str, seq: int, hidden: int, vocab: int, chunk: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, str(seq), str(hidden), str(vocab), str(chunk),
-           str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        str(seq),
+        str(hidden),
+        str(vocab),
+        str(chunk),
+        str(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"child {impl} S={seq} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def sweep(impl: str, seqs: list[int], hidden: int, vocab: int, chunk: int, threads: int, repeats: int,
-          max_seq_full: int, large_repeats: int):
+def sweep(
+    impl: str,
+    seqs: list[int],
+    hidden: int,
+    vocab: int,
+    chunk: int,
+    threads: int,
+    repeats: int,
+    max_seq_full: int,
+    large_repeats: int,
+):
     rows = []
     for seq in seqs:
         n = repeats if seq <= max_seq_full else large_repeats
@@ -116,8 +134,11 @@ def sweep(impl: str, seqs: list[int], hidden: int, vocab: int, chunk: int, threa
             "all_finite": all(r["finite"] for r in runs),
         }
         rows.append(row)
-        print(f"{impl:8s} S={seq:6d} H={hidden}: peak extra {row['peak_extra_bytes_median'] / 1e9:.3f} GB "
-              f"({row['seconds_median']:.1f}s)", flush=True)
+        print(
+            f"{impl:8s} S={seq:6d} H={hidden}: peak extra {row['peak_extra_bytes_median'] / 1e9:.3f} GB "
+            f"({row['seconds_median']:.1f}s)",
+            flush=True,
+        )
     return rows
 
 
@@ -134,13 +155,20 @@ def main() -> None:
     ap.add_argument("--chunked-seqs", default="1024,2048,4096,8192,16384")
     ap.add_argument("--naive-seqs", default="1024,2048,4096", help="only where naive fits in memory")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--large-repeats", type=int, default=1,
-                    help="repeats above --max-seq-full-repeats (a 16K run takes minutes on 2 shared cores)")
+    ap.add_argument(
+        "--large-repeats",
+        type=int,
+        default=1,
+        help="repeats above --max-seq-full-repeats (a 16K run takes minutes on 2 shared cores)",
+    )
     ap.add_argument("--max-seq-full-repeats", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--real-hidden-check", action="store_true", help="also one run each at S=1K, H=6144")
-    ap.add_argument("--real-hidden-only", action="store_true",
-                    help="only the S=1K, H=6144 check (each implementation once), with its own JSON")
+    ap.add_argument(
+        "--real-hidden-only",
+        action="store_true",
+        help="only the S=1K, H=6144 check (each implementation once), with its own JSON",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     info = machine_info()
@@ -148,20 +176,53 @@ def main() -> None:
         check = {}
         for impl in ("chunked", "naive"):
             check[impl] = run_point(impl, 1024, REAL_HIDDEN, args.vocab, args.chunk_size, args.threads)
-            print(f"{impl} S=1024 H={REAL_HIDDEN}: peak extra {check[impl]['peak_extra_bytes'] / 1e9:.3f} GB "
-                  f"({check[impl]['seconds']:.0f}s)", flush=True)
-        write_json(args.out, {"benchmark": "logprob_memory_real_hidden",
-                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                              "machine": info, "settings": {"seq": 1024, "hidden": REAL_HIDDEN,
-                              "vocab": args.vocab, "chunk_size": args.chunk_size, "repeats": 1},
-                              "runs": check, "total_seconds": time.perf_counter() - t0})
+            print(
+                f"{impl} S=1024 H={REAL_HIDDEN}: peak extra {check[impl]['peak_extra_bytes'] / 1e9:.3f} GB "
+                f"({check[impl]['seconds']:.0f}s)",
+                flush=True,
+            )
+        write_json(
+            args.out,
+            {
+                "benchmark": "logprob_memory_real_hidden",
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "machine": info,
+                "settings": {
+                    "seq": 1024,
+                    "hidden": REAL_HIDDEN,
+                    "vocab": args.vocab,
+                    "chunk_size": args.chunk_size,
+                    "repeats": 1,
+                },
+                "runs": check,
+                "total_seconds": time.perf_counter() - t0,
+            },
+        )
         return
     chunked_seqs = [int(s) for s in args.chunked_seqs.split(",")]
     naive_seqs = [int(s) for s in args.naive_seqs.split(",")]
-    chunked = sweep("chunked", chunked_seqs, args.hidden, args.vocab, args.chunk_size, args.threads,
-                    args.repeats, args.max_seq_full_repeats, args.large_repeats)
-    naive = sweep("naive", naive_seqs, args.hidden, args.vocab, args.chunk_size, args.threads, args.repeats,
-                  args.max_seq_full_repeats, args.large_repeats)
+    chunked = sweep(
+        "chunked",
+        chunked_seqs,
+        args.hidden,
+        args.vocab,
+        args.chunk_size,
+        args.threads,
+        args.repeats,
+        args.max_seq_full_repeats,
+        args.large_repeats,
+    )
+    naive = sweep(
+        "naive",
+        naive_seqs,
+        args.hidden,
+        args.vocab,
+        args.chunk_size,
+        args.threads,
+        args.repeats,
+        args.max_seq_full_repeats,
+        args.large_repeats,
+    )
 
     # Naive extra memory ~ k * S * V * 4 bytes (+ small terms); k fitted from the measured points.
     logit_bytes = {s: s * args.vocab * 4 for s in naive_seqs}
@@ -218,9 +279,11 @@ def main() -> None:
         "total_seconds": time.perf_counter() - t0,
     }
     for row in table:
-        print(f"S={row['seq']:6d} chunked {row['chunked_gb']:.3f} GB naive {row['naive_gb']:.3f} GB "
-              f"({row['naive_source']}) ratio {row['ratio_naive_over_chunked']:.1f}x; "
-              f"projected H=6144 ratio {row['ratio_projected_h6144']:.2f}x")
+        print(
+            f"S={row['seq']:6d} chunked {row['chunked_gb']:.3f} GB naive {row['naive_gb']:.3f} GB "
+            f"({row['naive_source']}) ratio {row['ratio_naive_over_chunked']:.1f}x; "
+            f"projected H=6144 ratio {row['ratio_projected_h6144']:.2f}x"
+        )
     write_json(args.out, payload)
 
 

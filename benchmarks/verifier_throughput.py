@@ -115,8 +115,11 @@ def main() -> None:
     sets = {"math": math_samples(args.math_n, args.seed), "code": code_samples(args.code_n, args.seed)}
     verifiers = {"math": get_verifier("math"), "code": get_verifier("code")}
     sandbox = sandbox_empty_run_cost(max(5, args.repeats * 3))
-    print(f"sandbox empty run ({sandbox['isolation_mode']}): {sandbox['seconds_median'] * 1e3:.0f} ms "
-          f"(bare python startup {sandbox['bare_python_startup_seconds_mean'] * 1e3:.0f} ms)", flush=True)
+    print(
+        f"sandbox empty run ({sandbox['isolation_mode']}): {sandbox['seconds_median'] * 1e3:.0f} ms "
+        f"(bare python startup {sandbox['bare_python_startup_seconds_mean'] * 1e3:.0f} ms)",
+        flush=True,
+    )
     for task in sets:  # warm-up: imports, and start every math-verify pool process before timing
         score_batch(sets[task][: 2 * max(workers)], verifiers[task], max_workers=max(workers), timeout_s=60)
     rows = []
@@ -138,8 +141,11 @@ def main() -> None:
                 "errors_or_timeouts": max(fails),
             }
             rows.append(row)
-            print(f"{task} workers={w}: {row['per_s_median']:.1f}/s (mean reward {row['mean_reward']:.2f}, "
-                  f"errors+timeouts {row['errors_or_timeouts']})", flush=True)
+            print(
+                f"{task} workers={w}: {row['per_s_median']:.1f}/s (mean reward {row['mean_reward']:.2f}, "
+                f"errors+timeouts {row['errors_or_timeouts']})",
+                flush=True,
+            )
     write_json(
         args.out,
         {

@@ -81,8 +81,11 @@ def main() -> None:
 
     info = machine_info()
     mem = memcpy_bandwidth(1 << 30, max(3, args.repeats))
-    print(f"memcpy 1 GB: torch {mem['torch_copy_']['gb_per_s_median']:.2f} GB/s, "
-          f"numpy {mem['numpy_copyto']['gb_per_s_median']:.2f} GB/s", flush=True)
+    print(
+        f"memcpy 1 GB: torch {mem['torch_copy_']['gb_per_s_median']:.2f} GB/s, "
+        f"numpy {mem['numpy_copyto']['gb_per_s_median']:.2f} GB/s",
+        flush=True,
+    )
     worker_counts = [int(w) for w in args.workers.split(",")]
     bucket_bytes = args.bucket_mb << 20
     init_ray(num_cpus=max(4, max(worker_counts) + 1))
@@ -100,8 +103,10 @@ def main() -> None:
                 for _ in range(max(worker_counts))
             ]
             ray.get([w.ping.remote() for w in workers])
-            print(f"{model_name}: {n_params / 1e6:.1f}M params, setup {time.perf_counter() - start:.1f}s",
-                  flush=True)
+            print(
+                f"{model_name}: {n_params / 1e6:.1f}M params, setup {time.perf_counter() - start:.1f}s",
+                flush=True,
+            )
             for n in worker_counts:
                 for transport in args.transports.split(","):
                     sync = WeightSync(workers[:n], transport=transport)
@@ -129,9 +134,12 @@ def main() -> None:
                         "delivered_gb_per_s_median": n * metrics[0].num_bytes / 1e9 / median(secs),
                     }
                     rows.append(row)
-                    print(f"{model_name} {transport} workers={n}: {row['seconds_median']:.3f}s/sync, "
-                          f"{row['gb_per_s_median']:.2f} GB/s payload, "
-                          f"{row['delivered_gb_per_s_median']:.2f} GB/s delivered", flush=True)
+                    print(
+                        f"{model_name} {transport} workers={n}: {row['seconds_median']:.3f}s/sync, "
+                        f"{row['gb_per_s_median']:.2f} GB/s payload, "
+                        f"{row['delivered_gb_per_s_median']:.2f} GB/s delivered",
+                        flush=True,
+                    )
             for w in workers:
                 ray.kill(w)
             del source, workers

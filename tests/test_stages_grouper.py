@@ -57,7 +57,9 @@ def test_grouper_samples_once_from_initial_policy_and_trains(tmp_path):
     assert all("weight_sync/seconds" not in m for m in steps)  # the workers keep pi_init
     for key in ("loss", "reward/ifeval", "learner_tokens_per_s", "tied_group_frac", "response_length"):
         assert all(key in m for m in steps), key
-    assert {"accuracy", "ifeval"} <= set(summary["eval_before"]) and "accuracy" in summary["eval_after"]
+    assert {"reward", "accuracy", "ifeval"} <= set(summary["eval_before"])
+    assert "reward" in summary["eval_after"]
+    assert summary["reward_gain"] == summary["eval_after"]["reward"] - summary["eval_before"]["reward"]
     init = load_policy(tmp_path / "run/init").state_dict()
     after = load_policy(summary["export"]).state_dict()
     if any(m["tied_group_frac"] < 1.0 for m in steps):  # some preference signal: the policy moved

@@ -76,6 +76,7 @@ def test_sft_run_writes_metrics_plots_summary_and_loadable_export(finished_run: 
     assert on_disk["steps"] == 4 and on_disk["stage"] == "sft"
     assert on_disk["eval"]["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
     assert 0.0 <= on_disk["eval"]["eval_accuracy"] <= 1.0
+    assert on_disk["eval"]["accuracy"] == on_disk["eval"]["eval_accuracy"]  # the key summaries share
     assert summary["export"] == str(run_dir / "export")
     assert 0 < on_disk["data"]["packed_rows"] < on_disk["data"]["train_rows"] == 64  # the recipe packs
 

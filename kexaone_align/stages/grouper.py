@@ -125,14 +125,16 @@ def run(recipe: Recipe) -> dict[str, Any]:
             total_sampled = int(state.get("sampled_prompts", 0))
 
             def evaluate(tag: str) -> dict[str, float]:
-                return rl.evaluate(
+                out = rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=1,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
                 )  # fmt: skip
+                # the mean preference reward: ``accuracy`` in the shared evaluator, ``reward`` here
+                return {"reward": out["accuracy"], **out}
 
             eval_before = state.get("eval_before") or evaluate("eval")
             run_.log_eval({f"eval_before/{k}": v for k, v in eval_before.items()})
-            logger.warning("grouper: held-out preference reward before = %.3f", eval_before["accuracy"])
+            logger.warning("grouper: held-out preference reward before = %.3f", eval_before["reward"])
 
             while run_.step < steps:
                 metrics: dict[str, float] = {}
@@ -176,11 +178,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 pool.push_weights(learners, version, bucket_bytes)
             eval_after = evaluate("eval")
             run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()})
-            logger.warning("grouper: held-out preference reward after = %.3f", eval_after["accuracy"])
+            logger.warning("grouper: held-out preference reward after = %.3f", eval_after["reward"])
             summary = {
                 "eval_before": eval_before,
                 "eval_after": eval_after,
-                "reward_gain": eval_after["accuracy"] - eval_before["accuracy"],
+                "reward_gain": eval_after["reward"] - eval_before["reward"],
                 "sampled_prompts": total_sampled,
             }
             return finish_stage(run_, learners, summary, tokenizer=tok_path)

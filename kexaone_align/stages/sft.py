@@ -248,6 +248,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
         finally:
             learners.shutdown()
     if recipe.data.generator and summary.get("export"):
-        summary["eval"].update(greedy_accuracy(summary["export"], held_rows, ACCURACY_ROWS))
+        greedy = greedy_accuracy(summary["export"], held_rows, ACCURACY_ROWS)
+        summary["eval"].update(greedy)
+        if "eval_accuracy" in greedy:  # the key the pipeline summary reads, like AGAPO's
+            summary["eval"]["accuracy"] = greedy["eval_accuracy"]
         write_summary(recipe.resolved_run_dir, summary)
     return summary
