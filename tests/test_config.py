@@ -294,6 +294,8 @@ def test_schedule_steps_and_learner_settings() -> None:
     assert schedule_steps(cos, 100) == {"warmup_steps": 10, "stable_steps": 0, "decay_steps": 90}
     tiny_wsd = load_recipe(TINY / "sft.yaml")  # wsd, 10 warmup, decay over the last 20%
     assert schedule_steps(tiny_wsd, 100) == {"warmup_steps": 10, "stable_steps": 72, "decay_steps": 18}
+    # a run no longer than its warmup (e.g. sft.max_steps=2 on the tiny recipe) still gets a valid schedule
+    assert schedule_steps(tiny_wsd, 4) == {"warmup_steps": 4, "stable_steps": 0, "decay_steps": 1}
     const = load_recipe(TINY / "agapo.yaml", ["learners.grad_clip=null"])
     settings = learner_settings(const, 40)
     assert settings["lr"] == const.agapo.lr and settings["freeze_router"] is True
@@ -306,6 +308,9 @@ def test_schedule_steps_and_learner_settings() -> None:
         return
     LearnerConfig(**learner_settings(wsd, 1050)).validate()
     LearnerConfig(**settings).validate()
+    short = LearnerConfig(**learner_settings(tiny_wsd, 4))
+    short.validate()
+    assert [short.lr_multiplier()(step) for step in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
 def test_duplicate_keys_are_refused(tmp_path: Path) -> None:

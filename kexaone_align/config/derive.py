@@ -24,7 +24,9 @@ def schedule_steps(recipe: Recipe, total_steps: int) -> dict[str, int]:
     warmup = min(learn.warmup_steps, total_steps)
     after = total_steps - warmup
     if learn.lr_schedule == "wsd":
-        decay = max(1, round(after * learn.decay_fraction)) if after else 0
+        if not after:  # a run no longer than its warmup: the decay would start after the last step
+            return {"warmup_steps": warmup, "stable_steps": 0, "decay_steps": 1}
+        decay = max(1, round(after * learn.decay_fraction))
         return {"warmup_steps": warmup, "stable_steps": after - decay, "decay_steps": decay}
     if learn.lr_schedule == "cosine":
         return {"warmup_steps": warmup, "stable_steps": 0, "decay_steps": max(1, after)}
