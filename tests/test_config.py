@@ -378,3 +378,11 @@ def test_recipe_pickles_for_ray_actors() -> None:
     recipe = load_recipe(TINY / "agapo.yaml")
     again = pickle.loads(pickle.dumps(recipe))
     assert again == recipe and again.source_path == recipe.source_path and again.freeze_router is True
+
+
+def test_eager_experts_kernel_with_several_zero3_learners_is_refused() -> None:
+    with pytest.raises(KexaoneError, match=r"experts_implementation.*grouped_mm"):
+        load_recipe(TINY / "agapo.yaml", ["learners.zero_stage=3", "learners.num_learners=2"])
+    ok = ["learners.zero_stage=3", "learners.num_learners=2", "model.experts_implementation=grouped_mm"]
+    assert load_recipe(TINY / "agapo.yaml", ok).learners.zero_stage == 3
+    assert load_recipe(TINY / "agapo.yaml", ["learners.num_learners=2"]).learners.zero_stage == 2
