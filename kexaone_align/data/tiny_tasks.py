@@ -177,8 +177,8 @@ def worked_steps(problem: Problem, answer: int | None = None) -> str:
 
     Every step is a one-digit fact (or adding the carry, subtracting the borrow) that training data covers
     for every problem, so a held-out problem is a new combination of seen steps. For addition both columns
-    use the same one-digit table (the carry is added as a separate ``+ 1`` step), which is what lets the
-    tiny model learn it from a few thousand conversations. ``answer`` overrides the final number (noise).
+    use the same one-digit table (the carry is added as a separate ``+ 1`` step), which keeps the set of
+    facts the tiny model must learn small. ``answer`` overrides the final number (noise).
     """
     a, op, b = problem.a, problem.op, problem.b
     final = problem.answer if answer is None else answer
