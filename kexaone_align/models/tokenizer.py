@@ -2,7 +2,8 @@
 
 The real K-EXAONE tokenizer (150k SuperBPE vocabulary) cannot be downloaded here, so the tiny kit trains a
 small byte-level BPE on a built-in corpus. Byte-level means any UTF-8 text encodes and decodes exactly;
-the corpus is English prose, digits and arithmetic, so math words are a token or two and every digit is a token.
+the corpus is English prose, digits and arithmetic, so math words are a token or two; every digit is
+its own token.
 Training is single-threaded over a fixed corpus, so the same code always builds the same tokenizer.
 
 The chat format reproduces the structure of K-EXAONE's published template (the EXAONE 4.0 layout with
@@ -186,7 +187,7 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizer
     tokenizer = Tokenizer(models.BPE())
     # Newline runs are their own pre-tokens, so "\n\n" encodes the same at the end of a generation prompt
     # as in the middle of a turn ("</think>\n\nThe"), and the SFT and inference token streams agree.
-    # Digits are split one per token (as in Qwen's and DeepSeek's tokenizers): a number is a sequence of
+    # Digits are split one per token (as many LLM tokenizers do): a number is a sequence of
     # digit tokens, so column arithmetic is copying digits, not recalling how each 2-digit token is spelt.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
