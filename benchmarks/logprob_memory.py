@@ -201,28 +201,10 @@ def main() -> None:
         return
     chunked_seqs = [int(s) for s in args.chunked_seqs.split(",")]
     naive_seqs = [int(s) for s in args.naive_seqs.split(",")]
-    chunked = sweep(
-        "chunked",
-        chunked_seqs,
-        args.hidden,
-        args.vocab,
-        args.chunk_size,
-        args.threads,
-        args.repeats,
-        args.max_seq_full_repeats,
-        args.large_repeats,
-    )
-    naive = sweep(
-        "naive",
-        naive_seqs,
-        args.hidden,
-        args.vocab,
-        args.chunk_size,
-        args.threads,
-        args.repeats,
-        args.max_seq_full_repeats,
-        args.large_repeats,
-    )
+    shared = (args.hidden, args.vocab, args.chunk_size, args.threads, args.repeats,
+              args.max_seq_full_repeats, args.large_repeats)  # fmt: skip
+    chunked = sweep("chunked", chunked_seqs, *shared)
+    naive = sweep("naive", naive_seqs, *shared)
 
     # Naive extra memory ~ k * S * V * 4 bytes (+ small terms); k fitted from the measured points.
     logit_bytes = {s: s * args.vocab * 4 for s in naive_seqs}
