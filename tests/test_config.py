@@ -380,9 +380,9 @@ def test_recipe_pickles_for_ray_actors() -> None:
     assert again == recipe and again.source_path == recipe.source_path and again.freeze_router is True
 
 
-def test_eager_experts_kernel_with_several_zero3_learners_is_refused() -> None:
-    with pytest.raises(KexaoneError, match=r"experts_implementation.*grouped_mm"):
-        load_recipe(TINY / "agapo.yaml", ["learners.zero_stage=3", "learners.num_learners=2"])
-    ok = ["learners.zero_stage=3", "learners.num_learners=2", "model.experts_implementation=grouped_mm"]
-    assert load_recipe(TINY / "agapo.yaml", ok).learners.zero_stage == 3
-    assert load_recipe(TINY / "agapo.yaml", ["learners.num_learners=2"]).learners.zero_stage == 2
+def test_checkpoint_path_with_tiny_source_is_refused() -> None:
+    # a path next to source 'tiny' used to be ignored silently: a random model trained instead
+    with pytest.raises(KexaoneError, match=r"model\.path.*source.*pretrained"):
+        load_recipe(TINY / "agapo.yaml", ["model.path=/some/sft/export"])
+    ok = load_recipe(TINY / "agapo.yaml", ["model.source=pretrained", "model.path=/some/sft/export"])
+    assert ok.model.path == "/some/sft/export"

@@ -90,7 +90,7 @@ def test_zero_stage_and_data_parallel_split_memory() -> None:
     z2 = plan_recipe(load_recipe(TINY / "sft.yaml", [*base, "learners.zero_stage=2"]))["per_gpu_memory_gib"]
     z3 = plan_recipe(load_recipe(TINY / "sft.yaml", [*base, "learners.zero_stage=3"]))["per_gpu_memory_gib"]
     assert z2["weights"] == pytest.approx(z3["weights"], rel=1e-6)  # DP=1: nothing to shard
-    cluster = ["cluster.gpus_per_node=4", "learners.backend=nccl", "model.experts_implementation=grouped_mm"]
+    cluster = ["cluster.gpus_per_node=4", "learners.backend=nccl"]
     z2 = plan_recipe(
         load_recipe(TINY / "sft.yaml", [*cluster, "learners.num_learners=4", "learners.zero_stage=2"])
     )

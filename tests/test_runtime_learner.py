@@ -213,6 +213,30 @@ def test_two_learners_match_one(ray_session, tiny_path, stage, tmp_path):
         group.shutdown()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_zero3_learners_agree_when_ranks_route_to_different_experts(ray_session, tiny_path):
+    """With the eager experts loop the modules run inside an MoE block depend on each rank's tokens.
+
+    Without leaf blocks DeepSpeed saw a different submodule order per rank ("disagreement on list
+    length", or a hang in a stage run); short rows make the ranks' expert hits differ at once.
+    """
+    from kexaone_align.runtime.cluster import LearnerResources, create_learner_group
+
+    batch = make_batch(seed=3, lengths=(3, 2, 4, 2, 3, 2, 2, 3))
+    cfg = config(3, experts_implementation="eager", micro_batch_tokens=6)
+    ref = Learner(tiny_path, cfg)
+    ref.setup()
+    ref_losses = [ref.train_step(batch, sft_loss_fn)["loss"] for _ in range(3)]
+    group = create_learner_group(2, tiny_path, cfg, "disaggregated", LearnerResources(num_cpus=1))
+    try:
+        losses = [group.train_step(batch, sft_loss_fn)["loss"] for _ in range(3)]
+    finally:
+        group.shutdown()
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    assert losses[-1] < losses[0]
+
+
 def test_zero3_checkpointed_gradient_matches_plain_torch(tiny_path):
     """Loss and pre-clip gradient norm of one micro-batched ZeRO-3 step == one full-batch torch backward."""
     from transformers import AutoModelForCausalLM

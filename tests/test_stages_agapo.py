@@ -147,3 +147,22 @@ def test_synchronous_agapo_skips_all_filtered_step_cleanly(tmp_path, verifier_fi
     assert summary["skipped_steps"] >= 1 and summary["filtered_prompts"] >= 2
     assert summary["policy_version"] == 3 - summary["skipped_steps"]
     assert all(m["staleness"] == 0.0 for m in steps)  # synchronous: always the current policy
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_zero3_learners_and_two_workers_take_the_one_actor_steps(tmp_path, verifier_file):
+    """The issue's multi-actor run: 2 ZeRO-3 learners + 2 rollout workers train like 1 + 1.
+
+    Sampling is seeded per prompt, so both layouts see the same rollouts and rewards; data-parallel
+    learners then take the same optimizer steps as one learner over the whole batch.
+    """
+    common = (f"{verifier_file}:parity", "learners.zero_stage=3", "model.experts_implementation=eager")
+    one, one_steps = _run_agapo(tmp_path / "one", *common)
+    two, two_steps = _run_agapo(tmp_path / "two", *common, "learners.num_learners=2", "rollout.num_workers=2")
+    assert two["policy_version"] == one["policy_version"] >= 1
+    for a, b in zip(two_steps, one_steps, strict=True):
+        assert a["reward/mean"] == b["reward/mean"]
+        if "loss" in b:
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert two["eval_after"]["accuracy"] == one["eval_after"]["accuracy"]

@@ -168,6 +168,12 @@ class ModelConfig(Section):
             raise ValueError("path: required when source is 'pretrained'")
         if self.source == "tiny" and self.architecture is None:
             raise ValueError("architecture: required when source is 'tiny'")
+        if self.source == "tiny" and self.path:
+            # a checkpoint path next to source 'tiny' would be silently ignored (a random model trains)
+            raise ValueError(
+                f"path: {self.path!r} is set but source is 'tiny', which builds a random model and "
+                "ignores path; set model.source=pretrained to train that checkpoint"
+            )
         return self
 
 

@@ -121,15 +121,6 @@ class Recipe(Section):
             return self
         c, r, learn = self.cluster, self.rollout, self.learners
         uses_rollout = self.stage != "sft"
-        kernel = self.model.experts_implementation if self.model else None
-        if kernel == "eager" and learn.zero_stage == 3 and learn.num_learners > 1:
-            # measured: 2 ZeRO-3 learners hang in the step where their ranks route tokens to different
-            # experts; the eager loop only touches the experts that got tokens
-            raise ValueError(
-                "model.experts_implementation: 'eager' runs only the experts that received tokens, so "
-                "ZeRO-3 ranks fall out of step and hang; use 'grouped_mm' (the default) with "
-                "learners.zero_stage 3 and more than one learner"
-            )
         if learn.backend == "nccl" and c.gpus_per_node == 0:
             raise ValueError("learners.backend: 'nccl' needs GPUs (cluster.gpus_per_node is 0); use 'gloo'")
         if uses_rollout and r.backend == "vllm" and c.gpus_per_node == 0:

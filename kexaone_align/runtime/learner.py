@@ -146,6 +146,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def mark_moe_blocks_as_zero3_leaves(policy: nn.Module) -> list[str]:
+    """Make ZeRO-3 fetch each MoE block's parameters as one unit; returns the blocks' class names.
+
+    ZeRO-3 records the order in which submodules run and expects it to be the same on every rank.
+    Inside an MoE block that order depends on the data: the eager experts loop calls its activation
+    module once per expert that received tokens, so two ranks with different tokens disagree and
+    DeepSpeed either raises ("disagreement on list length") or hangs. A ZeRO-3 leaf module is traced
+    as one step, whatever runs inside it. A block is any module with an ``experts`` child.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted(
+        {type(m) for m in policy.modules() if isinstance(getattr(m, "experts", None), nn.Module)},
+        key=lambda c: c.__name__,
+    )
+    if classes:
+        set_z3_leaf_modules(policy, classes)
+    return [c.__name__ for c in classes]
+
+
 class TokenLogprobModel(nn.Module):
     """Wraps the causal LM so one forward gives per-token log-probs ``[N, T]`` (and the MoE aux loss).
 
@@ -278,6 +298,8 @@ class Learner:
             from kexaone_align.models import freeze_router
 
             self.frozen_parameters = freeze_router(policy).parameter_names
+        if cfg.zero_stage == 3:
+            mark_moe_blocks_as_zero3_leaves(policy)
         self.policy = policy
         module = TokenLogprobModel(policy, chunk_size=cfg.logprob_chunk_size, zero3=cfg.zero_stage == 3)
         optimizer = torch.optim.AdamW(

@@ -103,13 +103,22 @@ def _actor_cpus(recipe: Recipe) -> float:
     return actors * recipe.cluster.cpus_per_actor
 
 
+_OWN_LOCAL_RAY: dict[str, str | None] = {"node_id": None}  # the local Ray start_ray itself started
+
+
 def start_ray(recipe: Recipe) -> None:
     """Give this driver a sensible torch thread count, then connect to / start Ray.
 
     On a local machine the driver and the actors share the cores; the driver mostly waits, so it keeps
     what the actors do not reserve (at least one thread). A local Ray is told it has enough CPUs for the
     recipe's actors even on a 2-core box (they time-share; each actor runs one torch thread).
+
+    Ray never fails an actor it cannot place: it waits. So the CPUs are checked up front. A local Ray
+    this function started for an earlier, smaller stage (a pipeline's SFT before a 2 + 2 actor AGAPO)
+    is restarted larger; any other cluster without room is an error that names the numbers.
     """
+    import ray
+
     cores = os.cpu_count() or 1
     need = _actor_cpus(recipe)
     torch.set_num_threads(max(1, int(cores - need)))
@@ -117,15 +126,47 @@ def start_ray(recipe: Recipe) -> None:
 
     address = recipe.cluster.address
     if address is None:
-        import ray
-
+        ours = ray.is_initialized() and _OWN_LOCAL_RAY["node_id"] == _ray_node_id()
+        if ours and _ray_cpus() < need:
+            logger.warning("restarting the local Ray with room for %s actor CPUs", need)
+            ray.shutdown()
         if not ray.is_initialized():  # address="local": our own cluster, never another process's Ray
             ray.init(
                 address="local", num_cpus=max(cores, int(need + 0.999) + 1), include_dashboard=False,
                 log_to_driver=False, logging_level="warning",
             )  # fmt: skip
+            _OWN_LOCAL_RAY["node_id"] = _ray_node_id()
     else:
         init_ray(address)
+    have = _ray_cpus()
+    if have >= need:
+        return
+    actors = "learners.num_learners" + (
+        " + rollout.num_workers" if recipe.stage in ("agapo", "grouper") else ""
+    )
+    message = (
+        f"has {have:g} CPUs but the recipe's actors need {need:g} ({actors}, times "
+        f"cluster.cpus_per_actor {recipe.cluster.cpus_per_actor:g})"
+    )
+    if address is not None:  # an autoscaling cluster may still grow
+        logger.warning("the Ray cluster at %s %s; actors wait until it has room", address, message)
+        return
+    raise KexaoneError(
+        f"the Ray session this process already runs {message}; Ray would wait for them forever. "
+        "Shut that session down (ray.shutdown()) or lower those numbers"
+    )
+
+
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _ray_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def make_learners(
