@@ -9,7 +9,7 @@ import torch
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
 from kexaone_align.runtime.rollout.hf import HFRolloutBackend
-from kexaone_align.runtime.rollout.sampling import processed_logprobs
+from kexaone_align.runtime.rollout.sampling import draw_tokens, processed_logprobs
 from kexaone_align.runtime.rollout.tiny import save_tiny_exaone_moe, tiny_exaone_moe
 
 
@@ -73,6 +73,20 @@ def test_processed_logprobs_matches_reference_nucleus():
         assert torch.allclose(ours[finite].double(), ref[finite], atol=1e-5)
         assert torch.allclose(ours.exp().sum(-1), torch.ones(4), atol=1e-5)
     assert torch.isfinite(processed_logprobs(logits, 1.0, 1.0)).all()
+
+
+def test_draw_tokens_follows_the_distribution_and_skips_removed_tokens():
+    probs = processed_logprobs(torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0, -6.0]]), 1.0, 0.9).exp()
+    assert probs[0, -1] == 0  # outside the nucleus
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    drawn = draw_tokens(probs.expand(n, -1), u)
+    freq = torch.bincount(drawn, minlength=6).double() / n
+    assert freq[probs[0] == 0].sum() == 0
+    assert torch.allclose(freq, probs[0].double(), atol=0.01)
+    # the edges of [0, 1) land on the first and last token that carry mass
+    edges = draw_tokens(probs.expand(2, -1), torch.tensor([0.0, 1.0 - 1e-7]))
+    assert edges.tolist() == [0, int((probs[0] > 0).nonzero().max())]
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.95, -1), (0.7, 0.8, -1), (1.3, 0.9, 40)])

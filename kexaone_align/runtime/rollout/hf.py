@@ -27,7 +27,7 @@ from kexaone_align.runtime.rollout.base import (
     expand_requests,
     rollout_metrics,
 )
-from kexaone_align.runtime.rollout.sampling import processed_logprobs, sample_seed
+from kexaone_align.runtime.rollout.sampling import draw_tokens, processed_logprobs, sample_seed
 
 
 def load_named_tensors(
@@ -166,10 +166,16 @@ class HFRolloutBackend:
             mask[i, width - n :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [
-            torch.Generator(device=self.device).manual_seed(sample_seed(sampling.seed, req.request_id, idx))
-            for req, idx in rows
-        ]
+        # every random number a sample will use, drawn up front from its own seeded generator
+        uniforms = torch.stack(
+            [
+                torch.rand(
+                    sampling.max_new_tokens,
+                    generator=torch.Generator().manual_seed(sample_seed(sampling.seed, req.request_id, idx)),
+                )
+                for req, idx in rows
+            ]
+        ).to(self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=input_ids,
@@ -183,19 +189,19 @@ class HFRolloutBackend:
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         reasons: list[Any] = [None] * batch
-        for _step in range(sampling.max_new_tokens):
+        for step in range(sampling.max_new_tokens):
             logp = processed_logprobs(
                 out.logits[:, -1, :], sampling.temperature, sampling.top_p, sampling.top_k
             )
-            probs = logp.exp()
+            drawn = draw_tokens(logp.exp(), uniforms[:, step])
+            drawn_logp = logp.gather(1, drawn[:, None]).squeeze(1)
             chosen = []
-            for i in range(batch):
+            for i, (tok, tok_logp) in enumerate(zip(drawn.tolist(), drawn_logp.tolist(), strict=True)):
                 if reasons[i] is not None:
                     chosen.append(self.pad_token_id)
                     continue
-                tok = int(torch.multinomial(probs[i], 1, generator=generators[i]).item())
                 tokens[i].append(tok)
-                logps[i].append(float(logp[i, tok]))
+                logps[i].append(tok_logp)
                 if tok in stop:
                     reasons[i] = "stop"
                 elif len(tokens[i]) >= sampling.max_new_tokens:

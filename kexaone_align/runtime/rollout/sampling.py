@@ -36,6 +36,20 @@ def processed_logprobs(
     return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
 
 
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: ``uniforms[i]`` in [0, 1) picks row ``i``'s token.
+
+    The whole batch is drawn in one vectorized step (no per-row ``multinomial`` call); each row's
+    uniforms come from that sample's own seeded generator, so a sample does not depend on its batch.
+    Tokens with probability 0 (outside the nucleus) are never drawn: the first index whose cumulative
+    mass exceeds ``u * total`` always carries mass.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return picked.clamp_(max=probs.shape[-1] - 1)
+
+
 def sample_seed(seed: int, request_id: str, sample_index: int) -> int:
     """A stable 63-bit seed per (run seed, request, sample): results do not depend on batch layout."""
     digest = hashlib.sha256(f"{seed}:{request_id}:{sample_index}".encode()).digest()
