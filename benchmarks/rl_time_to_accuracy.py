@@ -43,6 +43,13 @@ from _common import machine_info, median, write_json
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = "recipes/tiny/agapo.yaml"
 SYSTEMS = ("ours", "trl")
+# What is compared: an arm is a system plus recipe overrides of its own. ``ours_overlap`` is AGAPO's
+# off-policy pipeline (rollout of step k+1 overlaps learning on step k); TRL has no such mode on CPU.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "ours": ("ours", []),
+    "trl": ("trl", []),
+    "ours_overlap": ("ours", ["rollout.max_staleness=1"]),
+}
 # Quick mode: a few tiny steps, so the whole harness (both systems, evaluation, JSON) runs in about a minute.
 QUICK_OVERRIDES = [
     "agapo.prompts_per_step=2",
@@ -349,9 +356,11 @@ def child_trl(recipe: Any, threads: int, micro_batch: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ parent
-def run_child(system: str, args: argparse.Namespace, checkpoint: str, overrides: list[str]) -> dict[str, Any]:
-    """One run of ``system`` in a fresh process; returns its result dict (with throughput derived)."""
-    with tempfile.TemporaryDirectory(prefix=f"kexa_tta_{system}_") as tmp:
+def run_child(arm: str, args: argparse.Namespace, checkpoint: str, overrides: list[str]) -> dict[str, Any]:
+    """One run of ``arm`` in a fresh process; returns its result dict (with throughput derived)."""
+    system, own = ARMS[arm]
+    overrides = [*overrides, *own]
+    with tempfile.TemporaryDirectory(prefix=f"kexa_tta_{arm}_") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--child-out", str(out),
                "--checkpoint", checkpoint, "--recipe", args.recipe, "--run-dir", str(Path(tmp) / "run"),
@@ -362,9 +371,10 @@ def run_child(system: str, args: argparse.Namespace, checkpoint: str, overrides:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stdout + proc.stderr)[-3000:]
-            raise BenchmarkError(f"{system} run failed (exit {proc.returncode}):\n{tail}")
+            raise BenchmarkError(f"{arm} run failed (exit {proc.returncode}):\n{tail}")
         result = json.loads(out.read_text())
-    result["system"] = system
+    result["system"] = arm
+    result["arm_overrides"] = own
     result["child_wall_seconds"] = time.perf_counter() - started
     minutes = result["train_seconds"] / 60
     result["steps_per_minute"] = result["steps"] / minutes if minutes > 0 else None
@@ -392,12 +402,16 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return median(present) if present else None
 
 
-def summarize(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """Per-system medians and TRL/ours ratios of medians (time to target only if every run reached it)."""
+def summarize(runs: list[dict[str, Any]], target: float, arms: tuple[str, ...] = SYSTEMS) -> dict[str, Any]:
+    """Per-arm medians and TRL/arm ratios of medians (time to target only if every run reached it).
+
+    ``ratio_trl_over_ours`` compares with the ``ours`` arm; every other arm of ours gets its own
+    ``ratio_trl_over_<arm>`` and ``speedup_time_to_target_<arm>``.
+    """
     keys = ("train_seconds", "steps_per_minute", "learner_tokens_per_s", "rollout_tokens_per_s",
             "rollout_seconds", "learner_seconds", "other_seconds", "learner_steps")  # fmt: skip
     out: dict[str, Any] = {}
-    for system in SYSTEMS:
+    for system in arms:
         mine = [r for r in runs if r["system"] == system]
         times = [r["time_to_target_s"] for r in mine]
         out[system] = {k: _median_or_none([r[k] for r in mine]) for k in keys}
@@ -405,12 +419,15 @@ def summarize(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
         full = all(t is not None for t in times) and times
         out[system]["time_to_target_s"] = median(times) if full else None
         out[system]["final_accuracy"] = _median_or_none([r["curve"][-1]["accuracy"] for r in mine])
-    ratios: dict[str, float | None] = {}
-    for k in ("time_to_target_s", *keys):
-        a, b = out["trl"][k], out["ours"][k]
-        ratios[k] = a / b if a is not None and b else None
-    out["ratio_trl_over_ours"] = ratios
-    out["speedup_time_to_target"] = ratios["time_to_target_s"]
+    for arm in arms:
+        if arm == "trl" or "trl" not in arms:
+            continue
+        ratios: dict[str, float | None] = {}
+        for k in ("time_to_target_s", *keys):
+            a, b = out["trl"][k], out[arm][k]
+            ratios[k] = a / b if a is not None and b else None
+        out[f"ratio_trl_over_{arm}"] = ratios
+        out["speedup_time_to_target" + ("" if arm == "ours" else f"_{arm}")] = ratios["time_to_target_s"]
     out["target_accuracy"] = target
     return out
 
@@ -433,6 +450,9 @@ def main() -> None:
     ap.add_argument("--trl-micro-batch", type=int, default=32, help="TRL per_device_train_batch_size")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra recipe override for both systems (repeatable)")  # fmt: skip
+    known = ", ".join(ARMS)
+    ap.add_argument("--arms", default="ours,trl",
+                    help=f"comma-separated arms, interleaved in this order; known: {known}")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (~1 min): 2 steps, 1 repeat")
     ap.add_argument("--out", default="benchmarks/results/rl_time_to_accuracy.json")
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -460,6 +480,12 @@ def orchestrate(args: argparse.Namespace) -> None:
     for name in ("steps", "repeats", "num_eval", "trl_threads", "trl_micro_batch"):
         if getattr(args, name) < 1:
             raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms or len(set(arms)) != len(arms):
+        raise BenchmarkError(f"--arms {args.arms!r}: give distinct arms out of {', '.join(ARMS)}")
+    if "ours" not in arms:
+        raise BenchmarkError("--arms must include 'ours' (the target is set from its accuracy before RL)")
     if args.eval_every < 0:
         raise BenchmarkError(f"--eval-every must be >= 0, got {args.eval_every}")
     if not (REPO / args.recipe).is_file() and not Path(args.recipe).is_file():
@@ -484,7 +510,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         checkpoint = str(Path(checkpoint).resolve())
         runs = []
         for repeat in range(args.repeats):
-            for system in SYSTEMS:
+            for system in arms:
                 result = run_child(system, args, checkpoint, overrides)
                 result["repeat"] = repeat
                 runs.append(result)
@@ -497,7 +523,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     target = args.target if args.target is not None else before + args.target_gain
     for r in runs:
         r["time_to_target_s"] = time_to_target(r["curve"], target)
-    summary = summarize(runs, target)
+    summary = summarize(runs, target, arms)
     command = "python benchmarks/rl_time_to_accuracy.py " + shlex.join(sys.argv[1:])
     payload = {
         "benchmark": "rl_time_to_accuracy",
@@ -515,15 +541,15 @@ def orchestrate(args: argparse.Namespace) -> None:
             "trl_threads": args.trl_threads,
             "trl_micro_batch": args.trl_micro_batch,
             "quick": args.quick,
-            "order": "interleaved: " + ", ".join(SYSTEMS) + " per repeat",
+            "arms": {a: {"system": ARMS[a][0], "overrides": ARMS[a][1]} for a in arms},
+            "order": "interleaved: " + ", ".join(arms) + " per repeat",
         },
         "summary": summary,
         "runs": runs,
         "seconds": time.perf_counter() - started,
     }
     write_json(args.out, payload)
-    print(json.dumps({k: summary[k] for k in ("ours", "trl", "ratio_trl_over_ours", "target_accuracy")},
-                     indent=1))  # fmt: skip
+    print(json.dumps(summary, indent=1))
     print(f"reproduce: cd {REPO} && . .venv/bin/activate && {command}")
 
 

@@ -89,6 +89,20 @@ def test_rl_time_to_accuracy_target_and_ratios():
     partial = tta.summarize([run("ours", None, 20.0), run("ours", 10.0, 20.0), run("trl", 5.0, 40.0)], 0.2)
     assert partial["ours"]["reached_target"] == "1/2" and partial["ours"]["time_to_target_s"] is None
     assert partial["ratio_trl_over_ours"]["time_to_target_s"] is None
+    # a third arm (AGAPO's overlapped pipeline) gets its own ratios against TRL
+    three = tta.summarize([run("ours", 10.0, 20.0), run("trl", 30.0, 40.0), run("ours_overlap", 6.0, 12.0)],
+                          0.2, ("ours", "trl", "ours_overlap"))  # fmt: skip
+    assert three["speedup_time_to_target"] == pytest.approx(3.0)
+    assert three["speedup_time_to_target_ours_overlap"] == pytest.approx(5.0)
+    assert three["ratio_trl_over_ours_overlap"]["train_seconds"] == pytest.approx(40.0 / 12.0)
+
+
+def test_rl_time_to_accuracy_refuses_unknown_arms(tmp_path):
+    script = str(BENCH / "rl_time_to_accuracy.py")
+    for arms, message in (("ours,fast", "give distinct arms"), ("trl,ours_overlap", "must include 'ours'")):
+        cmd = [sys.executable, script, "--quick", "--arms", arms, "--out", str(tmp_path / "x.json")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_rl_time_to_accuracy_trl_config_mirrors_the_agapo_recipe(tmp_path):
