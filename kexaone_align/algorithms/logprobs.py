@@ -4,7 +4,8 @@ At K-EXAONE's vocabulary (153,600) the logits of a 16K-token sequence alone take
 the tokens are processed ``chunk_size`` at a time: each chunk's logits are formed, reduced to the
 target token's log-probability and the log-partition, and dropped. The backward pass recomputes each
 chunk's logits instead of storing them, so peak memory is ``chunk_size * vocab`` regardless of the
-sequence length, in the forward and the backward pass alike.
+sequence length, in the forward and the backward pass alike: each pass keeps one chunk-sized buffer
+and works on it in place.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
     logits = (hidden @ weight.t()).to(_compute_dtype(hidden))
-    return logits / temperature if temperature != 1.0 else logits
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def _logsumexp_in_place(logits: Tensor) -> Tensor:
+    """Row-wise log-sum-exp that overwrites ``logits`` (``torch.logsumexp`` allocates a second chunk)."""
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -33,9 +41,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
             logits = _chunk_logits(hidden[start:stop], weight, temperature)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
+            chunk_lse = _logsumexp_in_place(logits)  # one chunk-sized buffer, reused
             lse[start:stop] = chunk_lse
-            out[start:stop] = logits.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1) - chunk_lse
+            out[start:stop] = picked - chunk_lse
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
@@ -53,8 +62,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             stop = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:stop]
             # d logp(target) / d logits = onehot(target) - softmax(logits), times 1/temperature.
-            grad_logits = torch.exp(_chunk_logits(h, weight, temperature) - lse[start:stop].unsqueeze(1))
-            grad_logits.neg_()
+            grad_logits = _chunk_logits(h, weight, temperature)  # the only chunk-sized buffer
+            grad_logits.sub_(lse[start:stop].unsqueeze(1)).exp_().neg_()
             rows = torch.arange(stop - start, device=grad_logits.device)
             grad_logits[rows, targets[start:stop]] += 1.0
             grad_logits.mul_((grad_out[start:stop].to(lse.dtype) / temperature).unsqueeze(1))
