@@ -266,6 +266,48 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
         pool.shutdown()
 
 
+@pytest.mark.slow
+def test_hung_rollout_worker_is_replaced_after_the_job_timeout(tmp_path: Path) -> None:
+    import time
+
+    import ray
+
+    from kexaone_align.models import build_tiny_checkpoint, load_tokenizer
+    from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
+    from kexaone_align.stages import rl
+
+    def stall(worker: Any) -> None:  # keeps the actor busy: later calls queue behind it (a hang)
+        worker.__ray_call__.remote(lambda _self: time.sleep(600))
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init = str(tmp_path / "init")
+    build_tiny_checkpoint(init, seed=0)
+    prompt = load_tokenizer(init).encode("1+1=")
+    requests = [RolloutRequest(f"r{i}", prompt, 2) for i in range(4)]
+    sampling = SamplingConfig(max_new_tokens=3, seed=0)
+    with pytest.raises(KexaoneError, match="job_timeout_s"):
+        rl.RolloutPool(init, "hf", 1, job_timeout_s=0)
+    pool = rl.RolloutPool(init, "hf", 2, max_worker_restarts=1, job_timeout_s=8.0)
+    try:
+        want = pool.generate(requests, sampling)  # warm: both workers answer well within the limit
+        assert pool.worker_restarts == 0
+        hung = pool.workers[0]
+        stall(hung)
+        started = time.monotonic()
+        samples, metrics = pool.collect(pool.submit(requests, sampling))
+        assert 8.0 <= time.monotonic() - started < 120
+        assert metrics["rollout/worker_restarts"] == 1.0 and pool.workers[0] is not hung
+        key = [(s.request_id, s.sample_index, s.token_ids) for s in samples]
+        assert key == [(s.request_id, s.sample_index, s.token_ids) for s in want]  # nothing lost or doubled
+
+        stall(pool.workers[1])  # the limit is reached: the next hang is a clear error
+        with pytest.raises(KexaoneError, match=r"hung \(no result after rollout.job_timeout_s=8s\)"):
+            pool.generate(requests, sampling)
+    finally:
+        pool.shutdown()
+
+
 def test_run_with_restarts_retries_ray_failures_from_the_newest_checkpoint_only(
     tmp_path: Path, verifier_file: Path
 ) -> None:

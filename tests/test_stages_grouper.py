@@ -64,3 +64,43 @@ def test_grouper_samples_once_from_initial_policy_and_trains(tmp_path):
     after = load_policy(summary["export"]).state_dict()
     if any(m["tied_group_frac"] < 1.0 for m in steps):  # some preference signal: the policy moved
         assert any(not torch.equal(init[k], after[k]) for k in init)
+
+
+@pytest.mark.slow
+def test_crashed_grouper_run_resumes_with_the_same_cached_groups(tmp_path):
+    """Two prompts, three steps: step 1 samples both groups, steps 2 and 3 reuse them. A crash after
+    the step-2 checkpoint must not resample at step 3: the cache is part of the checkpoint."""
+    from kexaone_align.runtime import faults
+    from kexaone_align.stages import run_recipe
+
+    def recipe(run_dir, *extra):
+        overrides = [
+            "grouper.steps=3", "grouper.prompts_per_step=2", "grouper.group_size=4", "grouper.lr=1e-3",
+            "grouper.refresh_every=0", "rollout.max_new_tokens=6", "data.num_train=2", "data.num_eval=2",
+            "checkpoint.every_steps=2", "checkpoint.export=false", f"run_dir={run_dir}",
+            "logging.progress_bar=false", "logging.plots=false", *extra,
+        ]  # fmt: skip
+        return load_recipe(RECIPE, overrides)
+
+    def steps(run_dir):
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [m for m in rows if "sampled_prompts" in m]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_3(run, learners):
+        if run.step == 3:
+            raise Crash
+
+    run_recipe(recipe(tmp_path / "ref"))
+    with faults.injected("stage.step_done", crash_at_step_3), pytest.raises(Crash):
+        run_recipe(recipe(tmp_path / "run"))
+    summary = run_recipe(recipe(tmp_path / "run", "checkpoint.resume=auto"))
+    assert summary["resumed_from"].endswith("2")
+    got, want = steps(tmp_path / "run"), steps(tmp_path / "ref")
+    assert [m["step"] for m in got] == [1, 2, 3]
+    assert [m["sampled_prompts"] for m in got] == [2.0, 0.0, 0.0]  # step 3 reused the checkpointed groups
+    for g, w in zip(got, want, strict=True):
+        assert g["reward/mean"] == w["reward/mean"]
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6)

@@ -73,6 +73,14 @@ class RolloutConfig(Section):
     )
     mtp_speculative: bool = Field(False, description="vLLM only: MTP self-speculative decoding.")
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of each weight-sync bucket in MiB.")
+    job_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="A rollout worker that has not returned one generate call after this many seconds is "
+        "taken as hung: it is killed and replaced like a dead one (counts against max_worker_restarts) "
+        "and its requests re-issued. Set it well above the slowest legitimate call (a whole step's "
+        "rollout on one worker); null = wait forever.",
+    )
     max_worker_restarts: int = Field(
         3,
         ge=0,

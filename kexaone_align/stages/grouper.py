@@ -121,7 +121,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 sampled_from = run_.step - run_.step % cfg.refresh_every
                 if sampled_from:
                     pool.push_weights(learners, sampled_from, bucket_bytes)
-            cache: dict[str, rl.Group] = {}
+            # groups sampled since the last refresh, reused when their prompt comes round again; part of
+            # every checkpoint, so a resumed run reuses exactly the groups an uninterrupted one would
+            cache: dict[str, rl.Group] = dict(state.get("group_cache") or {})
             total_sampled = int(state.get("sampled_prompts", 0))
 
             def evaluate(tag: str) -> dict[str, float]:
@@ -173,7 +175,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 )
                 run_.log(metrics)
                 resume = {"cursor": cursor.state_dict(), "eval_before": eval_before}
-                run_.maybe_checkpoint(learners, {**resume, "sampled_prompts": total_sampled})
+                run_.maybe_checkpoint(
+                    learners, {**resume, "sampled_prompts": total_sampled, "group_cache": cache}
+                )
             if version > sampled_from:
                 pool.push_weights(learners, version, bucket_bytes)
             eval_after = evaluate("eval")

@@ -223,6 +223,7 @@ class RolloutJob:
     requests: list[RolloutRequest]
     sampling: SamplingConfig
     ref: Any  # Ray future of ``generate``
+    submitted: float = field(default_factory=time.monotonic)  # for rollout.job_timeout_s
 
 
 class RolloutPool:
@@ -234,6 +235,8 @@ class RolloutPool:
     other workers' results are kept. Request ids make the check that nothing is lost or duplicated
     cheap, and :meth:`collect` enforces it. After ``max_worker_restarts`` replacements the next death
     is a ``KexaoneError``. ``rollout/worker_restarts`` in :meth:`collect`'s metrics counts them.
+    A worker that holds a job longer than ``job_timeout_s`` is taken as hung and treated the same way
+    (killed first, so its late result can never arrive twice).
     """
 
     def __init__(
@@ -247,7 +250,10 @@ class RolloutPool:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         max_worker_restarts: int = 3,
+        job_timeout_s: float | None = None,
     ) -> None:
+        if job_timeout_s is not None and job_timeout_s <= 0:
+            raise KexaoneError(f"rollout.job_timeout_s must be > 0 (or null), got {job_timeout_s}")
         if num_workers < 1:
             raise KexaoneError(f"rollout.num_workers must be >= 1, got {num_workers}")
         if max_worker_restarts < 0:
@@ -258,7 +264,9 @@ class RolloutPool:
         self._actor_spec: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, **kwargs}
         self._backend = backend
         self.workers = [self._start_worker() for _ in range(num_workers)]
+        self._wait_ready(self.workers)
         self.max_worker_restarts = max_worker_restarts
+        self.job_timeout_s = job_timeout_s
         self.worker_restarts = 0
         self.version = 0  # the policy version the pool last pushed (workers start at 0: model_path)
         self._weights: list[Any] = []  # ObjectRefs of that push's buckets (only while restarts are allowed)
@@ -269,6 +277,14 @@ class RolloutPool:
         from kexaone_align.runtime.rollout.worker import remote_rollout_worker
 
         return remote_rollout_worker(self._backend, **self._actor_spec)
+
+    @staticmethod
+    def _wait_ready(workers: Sequence[Any]) -> None:
+        """Block until the workers have loaded their model: a load error surfaces here, and
+        ``job_timeout_s`` never counts start-up (a large engine can take many minutes to load)."""
+        import ray
+
+        ray.get([w.ping.remote() for w in workers])
 
     def submit(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Any]:
         """Launch generation (Ray futures, one per worker with work); collect with :meth:`collect`.
@@ -305,7 +321,14 @@ class RolloutPool:
         results: list[list[RolloutSample] | None] = [None] * len(jobs)
         pending = {job.ref: k for k, job in enumerate(jobs)}
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self._wait_budget(jobs, pending))
+            if not ready:  # the oldest job overran rollout.job_timeout_s: its worker is hung
+                k = min(pending.values(), key=lambda i: jobs[i].submitted)
+                del pending[jobs[k].ref]
+                hung = TimeoutError(f"no result after rollout.job_timeout_s={self.job_timeout_s:g}s")
+                jobs[k] = self._reissue(jobs[k], hung)
+                pending[jobs[k].ref] = k
+                continue
             k = pending.pop(ready[0])
             job = jobs[k]
             try:
@@ -313,13 +336,8 @@ class RolloutPool:
             except RayActorError as exc:
                 if not _died(exc, job.actor):  # e.g. an argument's producer died: not this worker
                     raise
-                if self.workers[job.index] is job.actor:  # not yet replaced (by an earlier job)
-                    self._replace_worker(job.index, exc)
-                actor = self.workers[job.index]
-                job = RolloutJob(job.index, actor, job.requests, job.sampling,
-                                 actor.generate.remote(job.requests, job.sampling))  # fmt: skip
-                jobs[k] = job
-                pending[job.ref] = k
+                jobs[k] = self._reissue(job, exc)
+                pending[jobs[k].ref] = k
         samples = [s for part in results for s in part or []]
         _check_complete(jobs, samples)
         waited = time.perf_counter() - started
@@ -338,22 +356,38 @@ class RolloutPool:
             "rollout/worker_restarts": float(self.worker_restarts),
         }
 
+    def _wait_budget(self, jobs: Sequence[RolloutJob], pending: dict[Any, int]) -> float | None:
+        """Seconds until the oldest pending job overruns ``job_timeout_s`` (None: no limit)."""
+        if self.job_timeout_s is None:
+            return None
+        oldest = min(jobs[k].submitted for k in pending.values())
+        return max(0.0, oldest + self.job_timeout_s - time.monotonic())
+
+    def _reissue(self, job: RolloutJob, cause: BaseException) -> RolloutJob:
+        """Replace ``job``'s worker (unless an earlier job already did) and send it the same requests."""
+        if self.workers[job.index] is job.actor:
+            self._replace_worker(job.index, cause)
+        actor = self.workers[job.index]
+        return RolloutJob(job.index, actor, job.requests, job.sampling,
+                          actor.generate.remote(job.requests, job.sampling))  # fmt: skip
+
     def _replace_worker(self, index: int, cause: BaseException) -> None:
         """Start a new actor in place of dead worker ``index``, at the pool's current policy version."""
         import ray
 
+        what = f"hung ({cause})" if isinstance(cause, TimeoutError) else f"died ({type(cause).__name__})"
         if self.worker_restarts >= self.max_worker_restarts:
             raise KexaoneError(
-                f"rollout worker {index} died ({type(cause).__name__}) and the pool already replaced "
-                f"{self.worker_restarts} worker(s), the limit rollout.max_worker_restarts="
-                f"{self.max_worker_restarts}"
+                f"rollout worker {index} {what} and the pool already replaced {self.worker_restarts} "
+                f"worker(s), the limit rollout.max_worker_restarts={self.max_worker_restarts}"
             ) from cause
         logger.warning(
-            "rollout worker %d died (%s); starting a replacement at policy version %d (restart %d of %d)",
-            index, type(cause).__name__, self.version, self.worker_restarts + 1, self.max_worker_restarts,
+            "rollout worker %d %s; starting a replacement at policy version %d (restart %d of %d)",
+            index, what, self.version, self.worker_restarts + 1, self.max_worker_restarts,
         )  # fmt: skip
         ray.kill(self.workers[index])  # make sure it is gone (a no-op when it is already dead)
         worker = self._start_worker()
+        self._wait_ready([worker])
         if self.version > 0:
             if not self._weights:
                 raise KexaoneError(
@@ -519,7 +553,7 @@ def rollout_pool_for(recipe: Any, model_path: Any) -> RolloutPool:
     return RolloutPool(
         str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
         max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
-        max_worker_restarts=roll.max_worker_restarts,
+        max_worker_restarts=roll.max_worker_restarts, job_timeout_s=roll.job_timeout_s,
     )  # fmt: skip
 
 
