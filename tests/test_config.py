@@ -386,3 +386,18 @@ def test_checkpoint_path_with_tiny_source_is_refused() -> None:
         load_recipe(TINY / "agapo.yaml", ["model.path=/some/sft/export"])
     ok = load_recipe(TINY / "agapo.yaml", ["model.source=pretrained", "model.path=/some/sft/export"])
     assert ok.model.path == "/some/sft/export"
+
+
+def test_generator_options_take_lists(tmp_path: Path) -> None:
+    from kexaone_align.config import recipe_to_yaml
+    from kexaone_align.stages.rl import load_prompt_rows
+
+    data = agapo_recipe()
+    data["data"].update(generator_options={"operations": ["+", "-"]}, num_train=200, num_eval=4)
+    recipe = load_recipe(write_recipe(tmp_path, data))
+    assert recipe.data.generator_options["operations"] == ["+", "-"]
+    again = load_recipe(write_recipe(tmp_path, recipe_to_yaml(recipe), "resolved.yaml"))
+    assert again.data.generator_options == {"operations": ["+", "-"]}  # recipe.resolved.yaml keeps it
+    train, _ = load_prompt_rows(recipe)
+    ops = {r.metadata["problem"].split()[1] for r in train}
+    assert ops == {"+", "-"}

@@ -24,9 +24,10 @@ class DataConfig(Section):
     generator: str | None = Field(
         None, description="Name of an offline task generator (e.g. 'tiny_arithmetic') used instead of files."
     )
-    generator_options: dict[str, int | float | bool | str] = Field(
+    generator_options: dict[str, int | float | bool | str | list[int | float | bool | str]] = Field(
         default_factory=dict,
-        description="Extra keyword arguments for the generator (e.g. answer_noise: 0.25).",
+        description="Extra keyword arguments for the generator (e.g. answer_noise: 0.25, "
+        "operations: ['+', '-']).",
     )
     num_train: int = Field(512, ge=1, description="Rows the generator produces for training.")
     num_eval: int = Field(64, ge=1, description="Held-out rows the generator produces.")
