@@ -204,6 +204,22 @@ def test_dead_learner_without_restarts_is_a_clear_error(tmp_path: Path, verifier
     assert "ActorDied" in str(err.value) or "RayActorError" in str(err.value)
 
 
+def _pool_fixture(tmp_path: Path) -> tuple[str, list[int], list[Any], Any]:
+    """A local Ray, a toy checkpoint, and 4 requests x 2 samples of 3 tokens for a RolloutPool test."""
+    import ray
+
+    from kexaone_align.models import build_tiny_checkpoint, load_tokenizer
+    from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init = str(tmp_path / "init")
+    build_tiny_checkpoint(init, seed=0)
+    prompt = load_tokenizer(init).encode("1+1=")
+    requests = [RolloutRequest(f"r{i}", prompt, 2) for i in range(4)]
+    return init, prompt, requests, SamplingConfig(max_new_tokens=3, seed=0)
+
+
 @pytest.mark.slow
 def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_up(tmp_path: Path) -> None:
     from types import SimpleNamespace
@@ -211,8 +227,6 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
     import ray
     import torch
 
-    from kexaone_align.models import build_tiny_checkpoint, load_tokenizer
-    from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
     from kexaone_align.stages import rl
 
     class WeightSource:
@@ -231,13 +245,7 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
         def state_dict_stream(self, bucket_bytes: int) -> Iterator[Any]:
             yield from self.source.state_dict_stream(bucket_bytes)
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    init = str(tmp_path / "init")
-    build_tiny_checkpoint(init, seed=0)
-    prompt = load_tokenizer(init).encode("1+1=")
-    requests = [RolloutRequest(f"r{i}", prompt, 2) for i in range(4)]
-    sampling = SamplingConfig(max_new_tokens=3, seed=0)
+    init, prompt, requests, sampling = _pool_fixture(tmp_path)
     pool = rl.RolloutPool(init, "hf", 2, max_worker_restarts=2)
     try:
         # dies while holding a job: replaced, and exactly its requests re-issued
@@ -270,22 +278,12 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
 def test_hung_rollout_worker_is_replaced_after_the_job_timeout(tmp_path: Path) -> None:
     import time
 
-    import ray
-
-    from kexaone_align.models import build_tiny_checkpoint, load_tokenizer
-    from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
     from kexaone_align.stages import rl
 
     def stall(worker: Any) -> None:  # keeps the actor busy: later calls queue behind it (a hang)
         worker.__ray_call__.remote(lambda _self: time.sleep(600))
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    init = str(tmp_path / "init")
-    build_tiny_checkpoint(init, seed=0)
-    prompt = load_tokenizer(init).encode("1+1=")
-    requests = [RolloutRequest(f"r{i}", prompt, 2) for i in range(4)]
-    sampling = SamplingConfig(max_new_tokens=3, seed=0)
+    init, _, requests, sampling = _pool_fixture(tmp_path)
     with pytest.raises(KexaoneError, match="job_timeout_s"):
         rl.RolloutPool(init, "hf", 1, job_timeout_s=0)
     pool = rl.RolloutPool(init, "hf", 2, max_worker_restarts=1, job_timeout_s=8.0)
