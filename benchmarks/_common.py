@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ def _git_commit() -> str:
         ).stdout.strip()
     except OSError:
         return "unknown"
+
+
+def command_line() -> str:
+    """How this script was invoked (interpreter name and arguments), for the results JSON."""
+    return " ".join([Path(sys.executable).name, *sys.argv])
 
 
 def median(values: list[float]) -> float:

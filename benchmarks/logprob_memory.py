@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median, write_json
+from _common import command_line, machine_info, median, write_json
 
 VOCAB = 153_600
 REAL_HIDDEN = 6_144
@@ -185,7 +185,7 @@ def main() -> None:
             args.out,
             {
                 "benchmark": "logprob_memory_real_hidden",
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "command": command_line(),
                 "machine": info,
                 "settings": {
                     "seq": 1024,
@@ -239,7 +239,7 @@ def main() -> None:
         }
     payload = {
         "benchmark": "logprob_memory",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": info,
         "settings": {
             "vocab": args.vocab,

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median, write_json
+from _common import command_line, machine_info, median, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/tiny/agapo.yaml"
@@ -179,7 +179,7 @@ def main() -> None:
         args.out,
         {
             "benchmark": "overlap",
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": command_line(),
             "machine": info,
             "settings": {
                 "recipe": RECIPE,

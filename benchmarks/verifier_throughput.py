@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median, write_json
+from _common import command_line, machine_info, median, write_json
 from kexaone_align.verifiers import Sample, get_verifier, score_batch
 
 
@@ -150,7 +150,7 @@ def main() -> None:
         args.out,
         {
             "benchmark": "verifier_throughput",
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": command_line(),
             "machine": info,
             "settings": vars(args),
             "sandbox_empty_run": sandbox,

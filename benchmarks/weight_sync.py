@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median, write_json
+from _common import command_line, machine_info, median, write_json
 
 ARCH_05B = {
     "hidden_size": 1024,
@@ -148,7 +148,7 @@ def main() -> None:
         args.out,
         {
             "benchmark": "weight_sync",
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": command_line(),
             "machine": info,
             "settings": {**vars(args), "arch_05b": ARCH_05B, "dtype": "float32"},
             "memcpy": mem,
