@@ -146,8 +146,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def mark_moe_blocks_as_zero3_leaves(policy: nn.Module) -> list[str]:
-    """Make ZeRO-3 fetch each MoE block's parameters as one unit; returns the blocks' class names.
+def mark_moe_blocks_as_zero3_leaves(policy: nn.Module) -> None:
+    """Make ZeRO-3 fetch each MoE block's parameters as one unit.
 
     ZeRO-3 records the order in which submodules run and expects it to be the same on every rank.
     Inside an MoE block that order depends on the data: the eager experts loop calls its activation
@@ -157,13 +157,9 @@ def mark_moe_blocks_as_zero3_leaves(policy: nn.Module) -> list[str]:
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    classes = sorted(
-        {type(m) for m in policy.modules() if isinstance(getattr(m, "experts", None), nn.Module)},
-        key=lambda c: c.__name__,
-    )
+    classes = {type(m) for m in policy.modules() if isinstance(getattr(m, "experts", None), nn.Module)}
     if classes:
-        set_z3_leaf_modules(policy, classes)
-    return [c.__name__ for c in classes]
+        set_z3_leaf_modules(policy, list(classes))
 
 
 class TokenLogprobModel(nn.Module):
