@@ -227,7 +227,7 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
     import ray
     import torch
 
-    from kexaone_align.stages import rl
+    from kexaone_align.runtime.rollout.pool import RolloutPool
 
     class WeightSource:
         """Stand-in learner: streams a changed checkpoint copy (local, so Ray ships it by value)."""
@@ -246,7 +246,7 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
             yield from self.source.state_dict_stream(bucket_bytes)
 
     init, prompt, requests, sampling = _pool_fixture(tmp_path)
-    pool = rl.RolloutPool(init, "hf", 2, max_worker_restarts=2)
+    pool = RolloutPool(init, "hf", 2, max_worker_restarts=2)
     try:
         # dies while holding a job: replaced, and exactly its requests re-issued
         ray.kill(pool.workers[0])
@@ -278,15 +278,15 @@ def test_rollout_pool_replaces_workers_that_die_in_generate_or_push_then_gives_u
 def test_hung_rollout_worker_is_replaced_after_the_job_timeout(tmp_path: Path) -> None:
     import time
 
-    from kexaone_align.stages import rl
+    from kexaone_align.runtime.rollout.pool import RolloutPool
 
     def stall(worker: Any) -> None:  # keeps the actor busy: later calls queue behind it (a hang)
         worker.__ray_call__.remote(lambda _self: time.sleep(600))
 
     init, _, requests, sampling = _pool_fixture(tmp_path)
     with pytest.raises(KexaoneError, match="job_timeout_s"):
-        rl.RolloutPool(init, "hf", 1, job_timeout_s=0)
-    pool = rl.RolloutPool(init, "hf", 2, max_worker_restarts=1, job_timeout_s=8.0)
+        RolloutPool(init, "hf", 1, job_timeout_s=0)
+    pool = RolloutPool(init, "hf", 2, max_worker_restarts=1, job_timeout_s=8.0)
     try:
         want = pool.generate(requests, sampling)  # warm: both workers answer well within the limit
         assert pool.worker_restarts == 0

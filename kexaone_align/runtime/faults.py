@@ -7,7 +7,8 @@ few named points, and a test registers a hook there with :func:`injected`. With 
 
 Points (keyword arguments passed to the hook):
 
-- ``"rollout.submitted"``: right after ``RolloutPool.submit`` launched its jobs (``pool``, ``jobs``).
+- ``"rollout.submitted"``: right after ``RolloutPool.submit`` (``runtime.rollout.pool``) launched its
+  jobs (``pool``, ``jobs``).
 - ``"stage.step_done"``: after a stage logged step ``run.step`` and took its checkpoint, if due
   (``run``, ``learners``).
 """
