@@ -62,17 +62,35 @@ class RolloutConfig(Section):
     top_k: int = Field(-1, ge=-1, description="Top-k sampling; -1 = off.")
     max_new_tokens: int = Field(256, ge=1, description="Longest sampled response.")
     batch_size: int = Field(
-        32, ge=1, description="Sequences generated together per worker call (hf backend)."
+        32,
+        ge=1,
+        description="Sequences generated together per worker call (hf) or in flight per engine "
+        "(vLLM max_num_seqs).",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (tensor parallelism).")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM's share of GPU memory.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vLLM's share of each of its GPUs' memory (weights + KV cache)."
+    )
     max_staleness: int = Field(
         0, ge=0, description="How many policy versions a rollout may lag the learner (0 = on-policy)."
     )
     enable_thinking: bool | None = Field(
         None, description="Force reasoning (True) or non-reasoning (False) mode; None = per prompt row."
     )
-    mtp_speculative: bool = Field(False, description="vLLM only: MTP self-speculative decoding.")
+    mtp_speculative: bool = Field(
+        False, description="vLLM on GPUs: MTP self-speculative decoding (refused on vLLM's CPU build)."
+    )
+    mtp_num_speculative_tokens: int = Field(
+        1, ge=1, description="vLLM with mtp_speculative: tokens the MTP layer drafts per step."
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="vLLM: skip torch.compile and CUDA graphs; null = eager on CPU (compiling added ~75 s "
+        "to start-up there), compiled on GPUs.",
+    )
+    cpu_kvcache_gib: float = Field(
+        1.0, gt=0, description="vLLM's CPU build: GiB of KV cache per engine (VLLM_CPU_KVCACHE_SPACE)."
+    )
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of each weight-sync bucket in MiB.")
     job_timeout_s: float | None = Field(
         None,
@@ -140,6 +158,11 @@ class ClusterConfig(Section):
     nodes: int = Field(1, ge=1, description="Nodes in the cluster.")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0 = CPU only).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved for each learner / rollout actor.")
+    simulated_gpus: bool = Field(
+        False,
+        description="Declare nodes x gpus_per_node GPUs to a local Ray and place every actor as on the "
+        "cluster (same GPU requests and bundles), but run them on CPU: a CPU rehearsal of a GPU layout.",
+    )
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="Memory of one GPU; lets `plan` warn when an estimate does not fit."
     )

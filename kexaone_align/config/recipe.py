@@ -123,8 +123,12 @@ class Recipe(Section):
         uses_rollout = self.stage != "sft"
         if learn.backend == "nccl" and c.gpus_per_node == 0:
             raise ValueError("learners.backend: 'nccl' needs GPUs (cluster.gpus_per_node is 0); use 'gloo'")
-        if uses_rollout and r.backend == "vllm" and c.gpus_per_node == 0:
-            raise ValueError("rollout.backend: 'vllm' needs GPUs (cluster.gpus_per_node is 0); use 'hf'")
+        if c.simulated_gpus and c.gpus_per_node == 0:
+            raise ValueError("cluster.simulated_gpus: needs cluster.gpus_per_node > 0 (the GPUs to declare)")
+        if c.simulated_gpus and learn.backend == "nccl":
+            raise ValueError("learners.backend: 'nccl' needs real GPUs; use 'gloo' with simulated_gpus")
+        if uses_rollout and r.mtp_speculative and r.backend != "vllm":
+            raise ValueError("rollout.mtp_speculative: needs rollout.backend 'vllm'")
         if c.gpus_per_node:
             total = c.nodes * c.gpus_per_node
             learner_gpus = learn.num_learners

@@ -50,11 +50,13 @@ class LearnerResources:
     num_gpus: float = 0.0  # per bundle; 0 on CPU machines
     gpu_fraction: float = 0.5  # colocated only: the learner's share of its bundle's GPU
     strategy: str | None = None  # override the placement-group strategy (PACK, SPREAD, STRICT_*)
+    bundle_cpus: float | None = None  # CPUs of each bundle (colocated: room for a rollout actor too)
+    simulated_gpus: bool = False  # GPUs declared to Ray, actors run on CPU (a rehearsal)
 
 
-def _actor_env(config: LearnerConfig, num_gpus: float) -> dict[str, Any]:
+def _actor_env(config: LearnerConfig, num_gpus: float, simulated: bool = False) -> dict[str, Any]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if num_gpus == 0:
+    if num_gpus == 0 or simulated:
         env["DS_ACCELERATOR"] = "cpu"
     for key in ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if key in os.environ:
@@ -181,7 +183,7 @@ def create_learner_group(
     res = resources or LearnerResources()
     if not ray.is_initialized():
         raise KexaoneError("Ray is not initialised; call kexaone_align.runtime.cluster.init_ray() first")
-    bundle: dict[str, float] = {"CPU": res.num_cpus}
+    bundle: dict[str, float] = {"CPU": res.bundle_cpus or res.num_cpus}
     if res.num_gpus > 0:
         bundle["GPU"] = res.num_gpus
     strategy = res.strategy or ("PACK" if placement == "colocated" else "SPREAD")
@@ -205,7 +207,7 @@ def create_learner_group(
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=rank
             ),
-            runtime_env=_actor_env(config, res.num_gpus),
+            runtime_env=_actor_env(config, res.num_gpus, res.simulated_gpus),
         ).remote(str(model_path), config)
         for rank in range(num_learners)
     ]

@@ -78,7 +78,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     tok_path = tokenizer_source(recipe, model_path)
     tokenizer = load_stage_tokenizer(recipe, model_path)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    train_rows, held_rows = rl.load_prompt_rows(recipe)
+    train_rows, held_rows, long_prompts = rl.prompt_sets(recipe, tokenizer)
     router = TaskRouter(recipe.verifiers or None)
     grade = functools.partial(grade_with_verifiers, router)
     roll = recipe.rollout
@@ -93,7 +93,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": "sequences"})
         pool = None
         try:
-            pool = rl.rollout_pool_for(recipe, model_path)
+            pool = rl.rollout_pool_for(recipe, model_path, learners)
             state = run_.restore(learners)
             cursor = rl.restored_cursor(recipe, train_rows, state)
             version = int(state.get("version", 0))
@@ -108,6 +108,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 return rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=cfg.eval_samples_per_prompt,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
+                    enable_thinking=roll.enable_thinking,
                 )  # fmt: skip
 
             eval_before = state.get("eval_before") or evaluate("eval")
@@ -128,7 +129,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 # Request ids (hence sampling seeds) from the cursor position alone, not from when the
                 # batch is launched, so a resumed run samples exactly what the uninterrupted one did.
                 tag = f"e{cursor.epoch}-o{cursor.offset}"
-                reqs = rl.build_requests(tokenizer, rows, cfg.group_size, tag)
+                reqs = rl.build_requests(tokenizer, rows, cfg.group_size, tag, roll.enable_thinking)
                 return rows, pool.submit(reqs, sampling), resume_at
 
             clock = time.perf_counter()  # training-loop clock; periodic evaluations are subtracted
@@ -179,7 +180,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     batch = rl.training_batch(
                         [s for g in kept for s in g.samples], adv.reshape(-1).tolist(), pad
                     )
+                    pool.release_memory()  # colocated vLLM engines hand their GPU memory to the learners
                     train = learners.train_step(batch, loss_fn)
+                    pool.resume()
                     version += 1
                     metrics.update({k.removeprefix("loss/"): v for k, v in train.items()})
                     metrics["learner_tokens_per_s"] = metrics.pop("tokens_per_s", 0.0)
@@ -214,6 +217,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 "accuracy_gain": eval_after["accuracy"] - eval_before["accuracy"],
                 "policy_version": version,
                 **counters,
+                **long_prompts,
             }
             return finish_stage(run_, learners, summary, tokenizer=tok_path)
         finally:

@@ -97,10 +97,13 @@ def load_stage_tokenizer(recipe: Recipe, model_path: str | Path) -> Any:
 
 # ------------------------------------------------------------------------------- Ray, learners
 def _actor_cpus(recipe: Recipe) -> float:
-    actors = recipe.learners.num_learners
-    if recipe.stage in ("agapo", "grouper"):
-        actors += recipe.rollout.num_workers
-    return actors * recipe.cluster.cpus_per_actor
+    """CPUs the stage's actors reserve (colocated rollout actors live inside the learners' bundles)."""
+    cluster, learners = recipe.cluster, recipe.learners.num_learners
+    if recipe.stage not in ("agapo", "grouper"):
+        return learners * cluster.cpus_per_actor
+    if cluster.gpus_per_node > 0 and cluster.placement == "colocated":
+        return 2 * learners * cluster.cpus_per_actor
+    return (learners + recipe.rollout.num_workers) * cluster.cpus_per_actor
 
 
 _OWN_LOCAL_RAY: dict[str, str | None] = {"node_id": None}  # the local Ray start_ray itself started
@@ -126,14 +129,17 @@ def start_ray(recipe: Recipe) -> None:
 
     address = recipe.cluster.address
     if address is None:
+        cluster = recipe.cluster
+        gpus = cluster.nodes * cluster.gpus_per_node if cluster.simulated_gpus else None  # declared, not real
         ours = ray.is_initialized() and _OWN_LOCAL_RAY["node_id"] == _ray_node_id()
-        if ours and _ray_cpus() < need:
+        short_of_gpus = gpus is not None and ours and ray.cluster_resources().get("GPU", 0.0) < gpus
+        if ours and (_ray_cpus() < need or short_of_gpus):
             logger.warning("restarting the local Ray with room for %s actor CPUs", need)
             ray.shutdown()
         if not ray.is_initialized():  # address="local": our own cluster, never another process's Ray
             ray.init(
-                address="local", num_cpus=max(cores, int(need + 0.999) + 1), include_dashboard=False,
-                log_to_driver=False, logging_level="warning",
+                address="local", num_cpus=max(cores, int(need + 0.999) + 1), num_gpus=gpus,
+                include_dashboard=False, log_to_driver=False, logging_level="warning",
             )  # fmt: skip
             _OWN_LOCAL_RAY["node_id"] = _ray_node_id()
     else:
@@ -185,9 +191,14 @@ def make_learners(
             "zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": False}}
         }
     config = LearnerConfig(**{**settings, **(overrides or {})})
-    gpus = 1.0 if recipe.cluster.gpus_per_node > 0 else 0.0
-    resources = LearnerResources(num_cpus=recipe.cluster.cpus_per_actor, num_gpus=gpus)
-    placement = recipe.cluster.placement if gpus > 0 else "disaggregated"
+    cluster = recipe.cluster
+    gpus = 1.0 if cluster.gpus_per_node > 0 else 0.0
+    placement = cluster.placement if gpus > 0 else "disaggregated"
+    shared = placement == "colocated" and recipe.stage in ("agapo", "grouper")  # a rollout rank per GPU
+    resources = LearnerResources(
+        num_cpus=cluster.cpus_per_actor, num_gpus=gpus, simulated_gpus=cluster.simulated_gpus,
+        bundle_cpus=2 * cluster.cpus_per_actor if shared else None,
+    )  # fmt: skip
     return create_learner_group(
         recipe.learners.num_learners, model_path, config, placement=placement, resources=resources
     )

@@ -83,6 +83,40 @@ def load_prompt_rows(recipe: Any) -> tuple[list[PromptRow], list[PromptRow]]:
     return train_rows[:-n_held], train_rows[-n_held:]
 
 
+def thinking_mode(recipe: Any, row: PromptRow) -> bool | None:
+    """A row's rendering mode: ``rollout.enable_thinking`` when the recipe forces one, else the row's."""
+    forced = recipe.rollout.enable_thinking
+    return row.enable_thinking if forced is None else forced
+
+
+def drop_long_prompts(recipe: Any, tokenizer: Any, rows: Sequence[PromptRow]) -> tuple[list[PromptRow], int]:
+    """Rows whose rendered prompt fits ``data.max_prompt_tokens``, and how many were dropped."""
+    limit = recipe.data.max_prompt_tokens
+    kept = [r for r in rows if len(render_prompt(tokenizer, r.messages, thinking_mode(recipe, r))) <= limit]
+    return kept, len(rows) - len(kept)
+
+
+def prompt_sets(recipe: Any, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow], dict[str, int]]:
+    """(train, held-out) prompt rows with over-long prompts dropped, and the counts of what was dropped
+    (``dropped_long_prompts`` / ``dropped_long_eval_prompts``, for the stage summary)."""
+    train, held = load_prompt_rows(recipe)
+    train, n_train = drop_long_prompts(recipe, tokenizer, train)
+    held, n_held = drop_long_prompts(recipe, tokenizer, held)
+    limit = recipe.data.max_prompt_tokens
+    if n_train or n_held:
+        logger.warning(
+            "data.max_prompt_tokens=%d: dropped %d training and %d held-out prompt(s) longer than that",
+            limit, n_train, n_held,
+        )  # fmt: skip
+    if not train or not held:
+        which = "training" if not train else "held-out"
+        raise KexaoneError(
+            f"data.max_prompt_tokens={limit}: every {which} prompt is longer than that once rendered with "
+            "the chat template; raise data.max_prompt_tokens or shorten the prompts"
+        )
+    return train, held, {"dropped_long_prompts": n_train, "dropped_long_eval_prompts": n_held}
+
+
 # ---------------------------------------------------------------------------------------- requests
 @dataclass
 class Group:
@@ -97,7 +131,10 @@ class Group:
 def build_requests(
     tokenizer: Any, rows: Sequence[PromptRow], group_size: int, tag: str, enable_thinking: bool | None = None
 ) -> list[RolloutRequest]:
-    """One request per prompt row (``group_size`` samples each); ``tag`` keeps request ids unique per call."""
+    """One request per prompt row (``group_size`` samples each); ``tag`` keeps request ids unique per call.
+
+    ``enable_thinking`` forces reasoning (True) or non-reasoning (False) mode (``rollout.enable_thinking``);
+    None renders each row in its own mode."""
     requests = []
     for i, row in enumerate(rows):
         thinking = row.enable_thinking if enable_thinking is None else enable_thinking
@@ -222,6 +259,7 @@ def evaluate(
     max_new_tokens: int,
     seed: int,
     tag: str,
+    enable_thinking: bool | None = None,
 ) -> dict[str, float]:
     """Held-out score by sampling (T=1.0, top-p 0.95): mean reward overall (``accuracy``) and per task.
 
@@ -232,7 +270,7 @@ def evaluate(
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, seed=seed
     )
-    requests = build_requests(tokenizer, rows, samples_per_prompt, tag)
+    requests = build_requests(tokenizer, rows, samples_per_prompt, tag, enable_thinking)
     groups = group_samples(rows, pool.generate(requests, sampling))
     rewards = grade(verifier_samples(tokenizer, groups))
     assign_rewards(groups, rewards)
@@ -244,12 +282,16 @@ def evaluate(
     return out
 
 
-def rollout_pool_for(recipe: Any, model_path: Any) -> RolloutPool:
-    """The recipe's rollout workers, serving ``model_path``."""
+def rollout_pool_for(recipe: Any, model_path: Any, learners: Any = None) -> RolloutPool:
+    """The recipe's rollout workers serving ``model_path``, placed as ``runtime.rollout.resources`` derives
+    (a colocated layout shares ``learners``' placement group)."""
+    from kexaone_align.runtime.rollout.resources import rollout_plan
+
     roll = recipe.rollout
+    plan = rollout_plan(recipe)
+    group = getattr(learners, "placement_group", None) if plan.layout == "colocated" else None
     return RolloutPool(
-        str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
-        max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
+        str(model_path), roll.backend, roll.num_workers, plan=plan, placement_group=group,
         max_worker_restarts=roll.max_worker_restarts, job_timeout_s=roll.job_timeout_s,
     )  # fmt: skip
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.rollout.base import RolloutRequest, RolloutSample, SamplingConfig
+from kexaone_align.runtime.rollout.resources import RolloutPlan, actor_options, create_rollout_group
 from kexaone_align.runtime.weight_sync import WeightSync
 
 logger = logging.getLogger(__name__)
@@ -58,19 +59,35 @@ class RolloutPool:
         num_gpus: float = 0.0,
         max_worker_restarts: int = 3,
         job_timeout_s: float | None = None,
+        plan: RolloutPlan | None = None,
+        placement_group: Any = None,
     ) -> None:
+        """Start the workers: from a recipe's :class:`RolloutPlan` (``rollout_pool_for``), or for tests
+        from the plain arguments (CPU actors). ``placement_group`` is the learners' group, which a
+        colocated plan's workers share; a disaggregated plan creates its own."""
         if job_timeout_s is not None and job_timeout_s <= 0:
             raise KexaoneError(f"rollout.job_timeout_s must be > 0 (or null), got {job_timeout_s}")
         if num_workers < 1:
             raise KexaoneError(f"rollout.num_workers must be >= 1, got {num_workers}")
         if max_worker_restarts < 0:
             raise KexaoneError(f"rollout.max_worker_restarts must be >= 0, got {max_worker_restarts}")
-        kwargs: dict[str, Any] = {"model_path": model_path, "dtype": dtype}
-        if backend == "hf":
-            kwargs["max_batch_size"] = max_batch_size
-        self._actor_spec: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, **kwargs}
+        if plan is None:
+            engine: dict[str, Any] = {"dtype": dtype}
+            if backend == "hf":
+                engine["max_batch_size"] = max_batch_size
+            plan = RolloutPlan(backend, num_workers, "cpu", num_cpus, num_gpus, 1, [], [], None, engine)
+        if plan.num_workers != num_workers or plan.backend != backend:
+            raise KexaoneError("RolloutPool: the plan's backend and num_workers differ from the arguments")
+        self.plan = plan
+        self._model_path = model_path
         self._backend = backend
-        self.workers = [self._start_worker() for _ in range(num_workers)]
+        self._owned_group = None
+        self._group = placement_group
+        if plan.layout == "colocated" and placement_group is None:
+            raise KexaoneError("a colocated rollout plan needs the learners' placement group")
+        if plan.bundles:  # disaggregated: the engines' own placement group
+            self._group = self._owned_group = create_rollout_group(plan)
+        self.workers = [self._start_worker(i) for i in range(num_workers)]
         self._wait_ready(self.workers)
         self.max_worker_restarts = max_worker_restarts
         self.job_timeout_s = job_timeout_s
@@ -80,10 +97,13 @@ class RolloutPool:
         self._jobs: dict[Any, RolloutJob] = {}  # submitted, not yet collected, by future
         self._sync: Any = None
 
-    def _start_worker(self) -> Any:
+    def _start_worker(self, index: int) -> Any:
         from kexaone_align.runtime.rollout.worker import remote_rollout_worker
 
-        return remote_rollout_worker(self._backend, **self._actor_spec)
+        options = actor_options(self.plan, index, self._group)
+        return remote_rollout_worker(
+            self._backend, model_path=self._model_path, **options, **self.plan.engine
+        )
 
     @staticmethod
     def _wait_ready(workers: Sequence[Any]) -> None:
@@ -193,7 +213,7 @@ class RolloutPool:
             index, what, self.version, self.worker_restarts + 1, self.max_worker_restarts,
         )  # fmt: skip
         ray.kill(self.workers[index])  # make sure it is gone (a no-op when it is already dead)
-        worker = self._start_worker()
+        worker = self._start_worker(index)
         self._wait_ready([worker])
         if self.version > 0:
             if not self._weights:
@@ -237,6 +257,25 @@ class RolloutPool:
         self.workers = []
         self._weights = []
         self._jobs = {}
+        if self._owned_group is not None:
+            from ray.util import remove_placement_group
+
+            remove_placement_group(self._owned_group)
+            self._owned_group = None
+
+    def release_memory(self) -> None:
+        """Colocated vLLM engines: free their GPU memory for the learners' step (no-op otherwise)."""
+        if self.plan.sleep_while_training:
+            import ray
+
+            ray.get([w.release_memory.remote() for w in self.workers])
+
+    def resume(self) -> None:
+        """Undo :meth:`release_memory` before the next generation."""
+        if self.plan.sleep_while_training:
+            import ray
+
+            ray.get([w.resume.remote() for w in self.workers])
 
 
 def _died(exc: BaseException, actor: Any) -> bool:

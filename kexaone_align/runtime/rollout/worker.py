@@ -112,10 +112,21 @@ class RolloutWorker:
 
 
 def remote_rollout_worker(
-    backend: str, *, num_cpus: float = 1, num_gpus: float = 0, **backend_kwargs: Any
+    backend: str,
+    *,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    scheduling_strategy: Any = None,
+    runtime_env: dict[str, Any] | None = None,
+    **backend_kwargs: Any,
 ) -> Any:
-    """Start a :class:`RolloutWorker` as a Ray actor (needs ``ray.init`` first)."""
+    """Start a :class:`RolloutWorker` as a Ray actor (needs ``ray.init`` first); the resource options come
+    from ``runtime.rollout.resources``."""
     import ray
 
-    actor_cls = ray.remote(RolloutWorker)
-    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(backend, **backend_kwargs)
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    return ray.remote(RolloutWorker).options(**options).remote(backend, **backend_kwargs)
