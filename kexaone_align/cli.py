@@ -145,6 +145,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rehearse(args: argparse.Namespace) -> int:
+    from kexaone_align.rehearsal import rehearse, write_rehearsal
+
+    if args.write_only:
+        print(write_rehearsal(args.recipe, args.out))
+        return 0
+    summary = rehearse(args.recipe, args.out, kill_stage=None if args.no_kill else args.kill_stage)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _passthrough(name: str, rest: list[str]) -> int:
     """Hand `verify` / `verifiers` to the verifiers package, imported only now."""
     try:
@@ -194,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_cmd_plan)
+
+    p = subs.add_parser(
+        "rehearse", parents=[common], help="CPU dress rehearsal of a GPU-cluster pipeline recipe"
+    )
+    p.add_argument("recipe", help="pipeline recipe YAML (e.g. recipes/k-exaone-236b/pipeline.yaml)")
+    p.add_argument("--out", default="runs/rehearsal", help="directory for assets, runs and logs")
+    p.add_argument("--kill-stage", type=int, default=1, help="kill the run once this stage checkpointed")
+    p.add_argument("--no-kill", action="store_true", help="run once, without the kill-and-resume")
+    p.add_argument("--write-only", action="store_true", help="only write <out>/rehearsal.yaml and assets")
+    p.set_defaults(handler=_cmd_rehearse)
 
     # add_help=False: `verify --help` is answered by the verifiers package's own parser.
     subs.add_parser("verifiers", parents=[common], add_help=False, help="list registered verifiers")
