@@ -184,13 +184,14 @@ def test_groups_sampled_after_a_periodic_eval_come_from_the_initial_policy(tmp_p
 
 @pytest.mark.slow
 def test_refresh_generation_resumed_between_refreshes_reuses_its_groups(tmp_path):
-    """refresh_every=2: the groups of steps 3-4 are sampled at step 3 by the policy after 2 steps. A
-    crash after the step-3 checkpoint must not resample step 4's prompts with the step-3 policy: the
-    resumed run trains on exactly the groups, labelled version 2, of an uninterrupted run."""
+    """refresh_every=2, four prompts, two a step: the groups of steps 3-4 (all four prompts, reshuffled)
+    are sampled at step 3 by the policy after 2 steps. A crash after the step-3 checkpoint must not
+    sample step 4's prompts with the step-3 policy: the resumed run trains on exactly the groups,
+    labelled version 2, of an uninterrupted run."""
     from kexaone_align.runtime import faults
     from kexaone_align.stages import run_recipe
 
-    base = ["grouper.steps=4", "grouper.refresh_every=2", "data.num_train=2", "checkpoint.every_steps=3",
+    base = ["grouper.steps=4", "grouper.refresh_every=2", "data.num_train=4", "checkpoint.every_steps=3",
             "grouper.eval_every_steps=1"]  # fmt: skip
 
     class Crash(Exception):
@@ -206,7 +207,7 @@ def test_refresh_generation_resumed_between_refreshes_reuses_its_groups(tmp_path
     summary = run_recipe(tiny(tmp_path / "run", *base, "checkpoint.resume=auto"))
     assert summary["resumed_from"].endswith("3")
     got, want = step_rows(tmp_path / "run"), step_rows(tmp_path / "ref")
-    assert [m["sampled_prompts"] for m in got] == [2.0, 0.0, 2.0, 0.0]
+    assert [m["sampled_prompts"] for m in got] == [4.0, 0.0, 4.0, 0.0]  # all of a generation at its start
     assert [m["sample_policy_version"] for m in got] == [0.0, 0.0, 2.0, 2.0]
     for g, w in zip(got, want, strict=True):
         assert g["reward/mean"] == w["reward/mean"]
