@@ -21,12 +21,30 @@ Memory formulas, per GPU, all in bytes (b_w = 2 for bf16 / 4 for fp32 training, 
                               (fp32 router input/logits, the k routed copies, the S shared experts)
                  without gradient checkpointing: T * (sum over layers + final norm h*(4+b_a));
                  with it: T * (L*h*b_a  [each layer's input]  +  the largest single layer  [recomputed]).
-                 Plus the log-prob head: min(T, 1024) * V * 4 * 2 (one fp32 logits chunk and its gradient).
+  * log-prob head (``algorithms.logprobs``, on every learner's GPU; c = b_w when b_w < 4, else 0: the
+                 fp32 results are cast back to the weight dtype):
+                   lm_head_grad:   V * H * (4 + c)    the LM-head weight gradient, accumulated over the chunks
+                                                      in an fp32 [V, H] buffer, then cast to the weight dtype
+                   logprob_chunk:  C * V * (4 + c)    one chunk of C = min(T, 1024) tokens: fp32 logits (the
+                                                      backward reuses them in place for the gradient) and a
+                                                      copy in the weight dtype
+                 Summed with the rest, although the chunk is freed before the final cast: an upper bound.
   * rollout:     weights P * b_r / TP (b_r = 2 for bf16, 4 for float32 model dtype). KV cache per sequence of
                  S = data.max_prompt_tokens + rollout.max_new_tokens tokens:
                    sum over layers of 2 * ceil(n_kv / TP) * d * b_r * (min(S, window) if sliding else S)
                  times rollout.batch_size sequences in flight per worker.
   * peak:        colocated: learner + rollout on the same GPU; disaggregated: the larger of the two.
+
+Host memory (``host_memory_gib``, not on a GPU):
+  * kept_rollout_weights:  P * b_w, with rollout.max_worker_restarts > 0: the rollout pool keeps the
+                 buckets of the last weight push in Ray's object store (on the node of learner rank 0,
+                 which produced them) so a replacement worker can be loaded without the learners.
+  * grouper_initial_policy: P * b_r, GROUPER with refresh_every 0 and eval_every_steps > 0: after an
+                 evaluation the starting checkpoint is loaded whole by one Ray actor and pushed back.
+Disk (``disk_gib``):
+  * group_cache: GROUPER's sampled groups (``runtime.group_cache``), at most steps * prompts_per_step
+                 prompts, each G * rollout.max_new_tokens * (4 bytes token id + 4 bytes log-prob)
+                 + data.max_prompt_tokens * 4 (the prompt, once per group).
 """
 
 from __future__ import annotations
@@ -39,7 +57,7 @@ from kexaone_align.config.recipe import Recipe
 from kexaone_align.errors import KexaoneError
 
 GIB = 1024**3
-LOGPROB_CHUNK = 1024
+LOGPROB_CHUNK = 1024  # runtime.learner.LearnerConfig.logprob_chunk_size (not a recipe key)
 
 
 def hf_config(recipe: Recipe) -> Any:
@@ -202,8 +220,11 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
     gc = bool(recipe.model and recipe.model.gradient_checkpointing)
     all_layers, one_layer, inputs = _activation_bytes_per_token(config, b_w)
     acts = tokens * (inputs + one_layer) if gc else tokens * all_layers
-    acts += min(tokens, LOGPROB_CHUNK) * config.vocab_size * 4 * 2
-    learner_total = weights + live + grads + optim + acts
+    cast = b_w if b_w < 4 else 0  # the log-prob head's fp32 results cast back to the weight dtype
+    vocab, hidden = config.vocab_size, config.hidden_size
+    lm_head_grad = vocab * hidden * (4 + cast)
+    chunk = min(tokens, LOGPROB_CHUNK) * vocab * (4 + cast)
+    learner_total = weights + live + grads + optim + acts + lm_head_grad + chunk
 
     memory: dict[str, float] = {
         "weights": _gib(weights),
@@ -211,6 +232,8 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         "gradients": _gib(grads),
         "optimizer_states": _gib(optim),
         "activations": _gib(acts),
+        "lm_head_grad": _gib(lm_head_grad),
+        "logprob_chunk": _gib(chunk),
         "learner_total": _gib(learner_total),
     }
     rollout: dict[str, Any] = {}
@@ -233,6 +256,7 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         if cluster.gpu_memory_gib:
             free = cluster.gpu_memory_gib * GIB * roll.gpu_memory_utilization - r_weights
             rollout["max_sequences_that_fit"] = max(0, int(free // kv_seq)) if kv_seq else None
+    host, disk = _host_and_disk_bytes(recipe, counts["total"], b_w)
     colocated = cluster.placement == "colocated"
     peak = learner_total + rollout_total if colocated else max(learner_total, rollout_total)
     memory["peak"] = _gib(peak)
@@ -249,6 +273,8 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         "router_params": counts["router"],
         "trainable_params": trainable,
         "per_gpu_memory_gib": memory,
+        "host_memory_gib": {k: _gib(v) for k, v in host.items()},
+        "disk_gib": {k: _gib(v) for k, v in disk.items()},
         "layout": {
             "placement": cluster.placement,
             "num_learners": dp,
@@ -264,6 +290,26 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         "warnings": warnings,
         "formulas": "see the module docstring of kexaone_align.plan",
     }
+
+
+def _host_and_disk_bytes(recipe: Recipe, params: int, b_w: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Memory outside the GPUs and disk a run needs, in bytes (see the module docstring)."""
+    host: dict[str, int] = {}
+    disk: dict[str, int] = {}
+    if recipe.stage == "sft":
+        return host, disk
+    roll = recipe.rollout
+    if roll.max_worker_restarts > 0:
+        host["kept_rollout_weights"] = params * b_w
+    grouper = recipe.grouper
+    if recipe.stage == "grouper" and grouper is not None:
+        if grouper.refresh_every == 0 and grouper.eval_every_steps > 0:
+            b_r = 2 if recipe.model is not None and recipe.model.dtype == "bfloat16" else 4
+            host["grouper_initial_policy"] = params * b_r
+        prompts = grouper.steps * grouper.prompts_per_step
+        per_group = grouper.group_size * roll.max_new_tokens * (4 + 4) + recipe.data.max_prompt_tokens * 4
+        disk["group_cache"] = prompts * per_group
+    return host, disk
 
 
 def _human(n: int) -> str:
@@ -289,5 +335,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"  {key:<18} {value:>10.3f}")
     for key, value in plan.get("rollout", {}).items():
         lines.append(f"  rollout.{key}: {value}")
+    for title, section in (("host memory", "host_memory_gib"), ("disk", "disk_gib")):
+        if plan.get(section):
+            lines.append(f"{title} (GiB):")
+            lines.extend(f"  {key:<22} {value:>10.3f}" for key, value in plan[section].items())
     lines.extend(f"warning: {w}" for w in plan["warnings"])
     return "\n".join(lines)

@@ -199,3 +199,60 @@ def test_activation_formula_matches_saved_tensors(dtype: str) -> None:
     measured = sum(saved.values()) / tokens
     estimate, _, _ = _activation_bytes_per_token(cfg, 2 if dtype == "bfloat16" else 4)
     assert estimate == pytest.approx(measured, rel=0.15)
+
+
+def test_plan_counts_log_prob_head_host_memory_and_group_cache_236b() -> None:
+    """The terms beyond weights/optimizer/activations, by hand for the 236B numbers (V=153600, H=6144,
+    bf16 learners: the fp32 results of the log-prob head are cast back to bf16, 2 more bytes)."""
+    v, h = 153_600, 6144
+    plan = plan_recipe(load_recipe(BIG / "grouper.yaml"))
+    mem = plan["per_gpu_memory_gib"]
+    assert mem["lm_head_grad"] == pytest.approx(v * h * (4 + 2) / 2**30, abs=1e-5)  # 5.27 GiB per learner
+    assert mem["logprob_chunk"] == pytest.approx(1024 * v * (4 + 2) / 2**30, abs=1e-5)  # 0.88 GiB
+    parts = ("weights", "zero3_live_params", "gradients", "optimizer_states", "activations")
+    total = sum(mem[k] for k in parts) + mem["lm_head_grad"] + mem["logprob_chunk"]
+    assert mem["learner_total"] == pytest.approx(total, abs=1e-4)
+    # One bf16 policy copy kept in Ray's object store for replacing rollout workers (max_worker_restarts 3).
+    params = plan["total_params"]
+    assert plan["host_memory_gib"] == {"kept_rollout_weights": pytest.approx(params * 2 / 2**30, abs=1e-5)}
+    # 500 steps x 256 prompts, G=8 responses of up to 16384 tokens (id + log-prob), 4096-token prompt once.
+    assert plan["disk_gib"] == {"group_cache": pytest.approx(500 * 256 * (8 * 16384 * 8 + 4096 * 4) / 2**30)}
+    evals = plan_recipe(load_recipe(BIG / "grouper.yaml", ["grouper.eval_every_steps=50"]))
+    assert evals["host_memory_gib"]["grouper_initial_policy"] == pytest.approx(params * 2 / 2**30, abs=1e-5)
+    bare = plan_recipe(load_recipe(BIG / "agapo.yaml", ["rollout.max_worker_restarts=0"]))
+    assert bare["host_memory_gib"] == {} and bare["disk_gib"] == {}
+    assert plan_recipe(load_recipe(BIG / "sft.yaml"))["host_memory_gib"] == {}
+
+
+def test_log_prob_head_terms_follow_the_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan's lm_head_grad assumes an fp32 [V, H] accumulator whatever the weight dtype, and the
+    chunk size the learner uses; fp32 learners need no cast copy."""
+    import dataclasses
+
+    import torch
+
+    from kexaone_align.algorithms.logprobs import chunked_token_logprobs
+    from kexaone_align.plan import LOGPROB_CHUNK
+    from kexaone_align.runtime.learner import LearnerConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(LearnerConfig)}["logprob_chunk_size"]
+    assert default == LOGPROB_CHUNK
+    made: list[tuple[tuple[int, ...], torch.dtype]] = []
+    zeros = torch.zeros
+
+    def spy(*args, **kwargs):
+        out = zeros(*args, **kwargs)
+        made.append((tuple(out.shape), out.dtype))
+        return out
+
+    hidden = torch.randn(10, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = chunked_token_logprobs(hidden, weight, torch.randint(0, 40, (10,)), chunk_size=4)
+    monkeypatch.setattr(torch, "zeros", spy)
+    out.sum().backward()
+    assert ((40, 16), torch.float32) in made and weight.grad.dtype == torch.bfloat16
+    tiny = plan_recipe(load_recipe(TINY / "agapo.yaml"))  # fp32 learners
+    cfg = hf_config(load_recipe(TINY / "agapo.yaml"))
+    assert tiny["per_gpu_memory_gib"]["lm_head_grad"] == pytest.approx(
+        cfg.vocab_size * cfg.hidden_size * 4 / 2**30, abs=1e-6
+    )

@@ -141,12 +141,19 @@ class GrouperConfig(Section):
     refresh_every: int = Field(
         0,
         ge=0,
-        description="Resample responses from the current policy every N steps; 0 = sample once "
-        "from the initial policy (the paper's pi_init).",
+        description="Every N steps the current policy samples the groups of the next N steps (all at "
+        "once, at the refresh); 0 = each prompt's group is sampled once, from the initial policy (the "
+        "paper's pi_init).",
     )
     freeze_router: bool = Field(True, description="Keep the MoE routers frozen.")
     aux_loss_coef: float = Field(0.0, ge=0, description="Router load-balancing loss coefficient.")
-    eval_every_steps: int = Field(0, ge=0, description="Evaluate held-out preference reward every N steps.")
+    eval_every_steps: int = Field(
+        0,
+        ge=0,
+        description="Evaluate held-out preference reward every N steps (eval/reward, eval/train_seconds; "
+        "0 = only before and after). With refresh_every 0 the initial policy is pushed back to the "
+        "rollout workers afterwards, before new groups are sampled.",
+    )
     reward: GrouperRewardConfig = Field(
         default_factory=GrouperRewardConfig, description="How rule and judge rewards are combined."
     )
