@@ -119,7 +119,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     tok_path = tokenizer_source(recipe, model_path)
     tokenizer = load_stage_tokenizer(recipe, model_path)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    train_rows, held_rows = rl.load_prompt_rows(recipe)
+    train_rows, held_rows, long_prompts = rl.prompt_sets(recipe, tokenizer)
     grade = functools.partial(grade_preference, build_preference_reward(recipe))
     roll = recipe.rollout
     sampling = SamplingConfig.from_recipe(roll, seed=recipe.seed)
@@ -129,7 +129,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": "sequences"})
         pool = cache = None
         try:
-            pool = rl.rollout_pool_for(recipe, model_path)
+            pool = rl.rollout_pool_for(recipe, model_path, learners)
             state = run_.restore(learners)
             cursor = rl.restored_cursor(recipe, train_rows, state)
             cache = open_group_cache(run_.run_dir / GROUP_CACHE_DIR, state, refresh)
@@ -143,6 +143,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 out = rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=1,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
+                    enable_thinking=roll.enable_thinking,
                 )  # fmt: skip
                 # the mean preference reward: ``accuracy`` in the shared evaluator, ``reward`` here
                 return {"reward": out["accuracy"], **out}
@@ -171,7 +172,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                         started = time.perf_counter()
                         metrics.update(served.initial_weights())
                         eval_seconds += time.perf_counter() - started
-                    reqs = rl.build_requests(tokenizer, fresh, cfg.group_size, f"s{step}")
+                    reqs = rl.build_requests(
+                        tokenizer, fresh, cfg.group_size, f"s{step}", roll.enable_thinking
+                    )
                     samples, roll_metrics = pool.collect(pool.submit(reqs, sampling))
                     parts.append(roll_metrics)
                     groups = rl.group_samples(fresh, samples)
@@ -211,7 +214,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 adv = preference_advantages(rewards)
                 flat = [s for g in groups for s in g.samples]
                 batch = rl.training_batch(flat, adv.reshape(-1).tolist(), pad)
+                pool.release_memory()  # colocated vLLM engines hand their GPU memory to the learners
                 train = learners.train_step(batch, rl.grouper_loss_fn)
+                pool.resume()
                 version += 1
                 metrics.update({k.removeprefix("loss/"): v for k, v in train.items()})
                 metrics["learner_tokens_per_s"] = metrics.pop("tokens_per_s", 0.0)
@@ -245,6 +250,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 "eval_after": eval_after,
                 "reward_gain": eval_after["reward"] - eval_before["reward"],
                 "sampled_prompts": total_sampled,
+                **long_prompts,
             }
             return finish_stage(run_, learners, summary, tokenizer=tok_path)
         finally:
