@@ -114,3 +114,42 @@ def test_cpu_build_refuses_mtp_and_sleep_mode(checkpoints):
         VLLMRolloutBackend(checkpoints[0], dtype="float32", enable_mtp=True)
     with pytest.raises(KexaoneError, match="sleep mode"):
         VLLMRolloutBackend(checkpoints[0], dtype="float32", enable_sleep_mode=True)
+
+
+def test_engine_in_a_ray_actor_is_replaced_when_it_dies(checkpoints):
+    """A vLLM rollout worker (Ray actor, CPU plan) serving pushed weights dies mid-generation: the pool
+    replaces it, loads the pushed version into the replacement, and returns the same samples."""
+    import ray
+
+    from kexaone_align.runtime import faults
+    from kexaone_align.runtime.checkpoint_weights import checkpoint_weights
+    from kexaone_align.runtime.rollout.pool import RolloutPool
+    from kexaone_align.runtime.rollout.resources import RolloutPlan
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        engine = {"dtype": "float32", "max_model_len": 256, "seed": 0}
+        plan = RolloutPlan("vllm", 1, "cpu", 1.0, 0.0, 1, [], [], None, engine)
+        pool = RolloutPool(str(checkpoints[0]), "vllm", 1, plan=plan, max_worker_restarts=1)
+        with checkpoint_weights(checkpoints[1], "float32") as source:
+            metrics = pool.push_weights(source, 1, 1 << 20)
+        assert metrics["weight_sync/buckets"] >= 10
+        sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=9)
+        requests = [RolloutRequest(f"r{i}", PROMPT, num_samples=2) for i in range(3)]
+        want = pool.generate(requests, sampling)
+        assert {s.policy_version for s in want} == {1}
+
+        def kill_worker(pool, jobs):
+            ray.kill(jobs[0].actor, no_restart=True)
+
+        with faults.injected("rollout.submitted", kill_worker):
+            futures = pool.submit(requests, sampling)
+        got, stats = pool.collect(futures)
+        assert stats["rollout/worker_restarts"] == 1.0
+        assert [(s.request_id, s.sample_index, s.token_ids) for s in got] == [
+            (s.request_id, s.sample_index, s.token_ids) for s in want
+        ]
+        assert {s.policy_version for s in got} == {1}, "the replacement serves the pushed version"
+        pool.shutdown()
+    finally:
+        ray.shutdown()
