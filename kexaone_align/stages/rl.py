@@ -251,6 +251,7 @@ def rollout_pool_for(recipe: Any, model_path: Any) -> RolloutPool:
         str(model_path), roll.backend, roll.num_workers, dtype=recipe.model.dtype,
         max_batch_size=roll.batch_size or 64, num_cpus=recipe.cluster.cpus_per_actor,
         max_worker_restarts=roll.max_worker_restarts, job_timeout_s=roll.job_timeout_s,
+        weight_sync_transport=roll.weight_sync_transport,
     )  # fmt: skip
 
 
