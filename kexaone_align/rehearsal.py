@@ -104,7 +104,7 @@ def stage_overrides(stage: Recipe, assets: dict[str, Path]) -> list[str]:
         f"model.path={assets['checkpoint']}", "model.dtype=float32", "model.attn_implementation=sdpa",
         f"data.train_files=[{assets[files[0]]}]", f"data.eval_files=[{assets[files[1]]}]",
         "cluster.address=null", "cluster.nodes=1", f"cluster.gpus_per_node={SIMULATED_GPUS_PER_NODE}",
-        "cluster.simulated_gpus=true", "cluster.cpus_per_actor=0.5", "cluster.gpu_memory_gib=null",
+        "cluster.simulated_gpus=true", "cluster.cpus_per_actor=0.5",
         "learners.num_learners=2", "learners.zero_stage=3", "learners.precision=fp32",
         "learners.backend=gloo", "learners.micro_batch_tokens=2048", "learners.warmup_steps=0",
         "checkpoint.every_steps=1", "checkpoint.keep_last=2", "checkpoint.resume=auto",

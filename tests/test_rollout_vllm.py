@@ -229,9 +229,9 @@ def test_backend_generate_and_weight_updates_against_fake_engine(fake_vllm):
     assert backend.sync_ranks() == 2
     with pytest.raises(KexaoneError, match="stale"):
         backend.receive_weights(1)
-    assert llm.calls[-1] == ("kexaone_receive_weights", (False,))
+    assert llm.calls[-1] == ("kexaone_receive_weights", (1, False))
     backend.receive_weights(2)
-    assert llm.calls[-2:] == [("kexaone_receive_weights", (True,)), ("reset_prefix_cache",)]
+    assert llm.calls[-2:] == [("kexaone_receive_weights", (2, True)), ("reset_prefix_cache",)]
     assert backend.policy_version == 2
 
     backend.release_memory()

@@ -32,7 +32,10 @@ def test_worker_by_name_stamps_versions_and_counts_bytes(tmp_path):
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([[1, 4, 5, 6]])).logits.float()
     assert torch.equal(worker.logits([[1, 4, 5, 6]]), expected)
-    with pytest.raises(KexaoneError, match="join_weight_sync_group"):
-        worker.receive_bucket(2, [])
+    with pytest.raises(KexaoneError, match="receive_weights called before join_weight_sync_group"):
+        worker.receive_weights(2)
+    assert worker.sync_ranks("gloo") == 1
+    with pytest.raises(KexaoneError, match="cannot receive a nccl weight push"):
+        worker.sync_ranks("nccl")  # a CPU worker: refused before anyone waits in the rendezvous
     worker.release_memory()
     worker.resume()

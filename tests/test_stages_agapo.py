@@ -166,3 +166,43 @@ def test_two_zero3_learners_and_two_workers_take_the_one_actor_steps(tmp_path, v
         if "loss" in b:
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert two["eval_after"]["accuracy"] == one["eval_after"]["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_two_zero3_learners_push_many_buckets_each_step(tmp_path, verifier_file, transport, monkeypatch):
+    """The issue's run (2 ZeRO-3 learners, 1 MiB buckets) finishes on both transports, and after every
+    push the rollout workers' log-probs equal the learners' own (checked around each push)."""
+    import ray
+
+    from kexaone_align.runtime.rollout.pool import RolloutPool
+
+    pushes: list[dict] = []
+    push = RolloutPool.push_weights
+
+    def checked_push(pool, learners, version, bucket_bytes):
+        out = push(pool, learners, version, bucket_bytes)
+        ids = torch.tensor([[1, 9, 33, 70, 4, 200, 17, 3], [7, 41, 2, 300, 12, 9, 60, 5]])
+        ones = torch.ones_like(ids)
+        want = learners.forward_logprobs({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
+        for logits in ray.get([w.logits.remote(ids.tolist()) for w in pool.workers]):
+            got = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            assert (got - want[:, 1:]).abs().max() <= 1e-5, f"version {version}: rollout != learner"
+        assert pool.versions() == [version] * len(pool.workers)
+        pushes.append(out)
+        return out
+
+    monkeypatch.setattr(RolloutPool, "push_weights", checked_push)
+    summary, steps = _run_agapo(
+        tmp_path, f"{verifier_file}:parity", "agapo.prompts_per_step=4", "learners.num_learners=2",
+        "learners.zero_stage=3", "rollout.weight_sync_bucket_mb=1", "checkpoint.export=false",
+        "agapo.zero_variance_filter=false", f"rollout.weight_sync_transport={transport}",
+    )  # fmt: skip
+    assert len(steps) == 3 and summary["policy_version"] == 3
+    assert len(pushes) == 3  # after steps 1 and 2, and before the final evaluation
+    assert all(p["weight_sync/buckets"] >= 10 for p in pushes), [p["weight_sync/buckets"] for p in pushes]
+    assert [p["weight_sync/version"] for p in pushes] == [1.0, 2.0, 3.0]
+    synced = [m for m in steps if "weight_sync/seconds" in m]
+    assert len(synced) == 2 and all(m["weight_sync/gb_per_s"] > 0 for m in synced)
+    assert all(0.5 < m["is_ratio_mean"] <= 1.0 + 1e-4 for m in steps)

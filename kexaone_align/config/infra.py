@@ -92,6 +92,18 @@ class RolloutConfig(Section):
         1.0, gt=0, description="vLLM's CPU build: GiB of KV cache per engine (VLLM_CPU_KVCACHE_SPACE)."
     )
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of each weight-sync bucket in MiB.")
+    weight_sync_transport: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="How the learners' weights reach the rollout workers after a step; in both, only "
+        "learner rank 0 sends (the other ZeRO-3 ranks only join each bucket's gather). 'object_store': "
+        "rank 0 streams each bucket into Ray's object store (at most two ahead) and every worker fetches "
+        "it; works wherever Ray does, at the cost of a copy into shared memory per bucket. 'collective': "
+        "rank 0 broadcasts each bucket straight to every worker (every tensor-parallel rank of a vLLM "
+        "engine) over a side process group, gloo when the learners run on CPU and nccl on CUDA, so "
+        "weights never pass through the driver; the group is formed on the first push and again after "
+        "a worker is replaced. While max_worker_restarts > 0 rank 0 also keeps one copy of the last "
+        "push in the object store, only to load a replacement worker at the same policy version.",
+    )
     job_timeout_s: float | None = Field(
         None,
         gt=0,

@@ -30,6 +30,22 @@ class CheckpointStreamer:
     def state_dict_stream(self, bucket_bytes: int) -> Iterator[Any]:
         yield from self.source.state_dict_stream(bucket_bytes)
 
+    # the collective transport: this process is the sender, as learner rank 0 is
+    def weight_sync_endpoint(self) -> dict[str, Any]:
+        from kexaone_align.runtime.weight_sync import sync_endpoint
+
+        return sync_endpoint("gloo")
+
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        from kexaone_align.runtime.weight_sync import BroadcastSender
+
+        if getattr(self, "_sender", None) is None:
+            self._sender = BroadcastSender()
+        self._sender.join(host, port, world_size, backend, "cpu")
+
+    def broadcast_weights(self, version: int, bucket_bytes: int, keep: bool = False) -> dict[str, Any]:
+        return self._sender.send(version, self.source.state_dict_stream(bucket_bytes), keep=keep)
+
 
 @dataclass
 class CheckpointWeights:

@@ -118,16 +118,21 @@ class LearnerGroup:
         return torch.cat(parts, dim=0)
 
     def state_dict_stream(self, bucket_bytes: int = 1 << 28) -> Iterator[list[tuple[str, Tensor]]]:
-        """Full parameters bucket by bucket (under ZeRO-3 all ranks gather; rank 0's copy is kept)."""
+        """Full parameters bucket by bucket from rank 0; under ZeRO-3 the other ranks join each gather in
+        one ``join_state_dict_gathers`` call and send nothing back."""
         import ray
 
         count = ray.get(self.actors[0].state_dict_num_buckets.remote(bucket_bytes))
-        everyone = self.config.zero_stage == 3
-        for index in range(count):
-            if everyone:
-                yield self._all("state_dict_bucket", index, bucket_bytes)[0]
-            else:
+        others = [a.join_state_dict_gathers.remote(bucket_bytes) for a in self.actors[1:]]
+        index = -1
+        try:
+            for index in range(count):
                 yield ray.get(self.actors[0].state_dict_bucket.remote(index, bucket_bytes))
+        except GeneratorExit:  # the caller stopped early: rank 0 still has to meet the others' gathers
+            ray.get(self.actors[0].join_state_dict_gathers.remote(bucket_bytes, index + 1))
+            ray.get(others)
+            raise
+        ray.get(others)
 
     def save(self, directory: str | Path) -> str:
         """DeepSpeed checkpoint of every rank into one (shared) directory."""

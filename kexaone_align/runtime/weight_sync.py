@@ -1,30 +1,44 @@
 """Versioned weight pushes from the learners to every rollout worker, one bucket at a time.
 
-The learner gathers its ZeRO-3 shards bucket by bucket (``state_dict_stream(bucket_bytes)`` yields
-lists of ``(name, full_tensor)``), so no process ever holds more than a bucket or two of the full
-model. Three transports move a bucket:
+The learners gather their ZeRO-3 shards bucket by bucket, so no process ever holds more than a bucket
+or two of the full model. Every rank must join each gather, but only learner rank 0 sends: the other
+ranks walk the same gathers in one plain remote call (``Learner.join_state_dict_gathers``) and return
+a count, so no tensor of theirs ever reaches the driver or the object store. Under ZeRO-2 rank 0 holds
+every weight and the other ranks return at once (no collective to join).
+
+Transports:
 
 * ``local``: in-process backends (tests, single-process CPU runs); tensors are copied directly.
-* ``object_store``: Ray's object store on CPU. Each bucket is stored once (``ray.put``, or it is
-  already an ``ObjectRef`` yielded by a learner's streaming generator) and every worker fetches it.
-  At most ``max_inflight_buckets`` buckets are in flight.
-* ``gloo`` / ``nccl``: a side process group (its own ``TCPStore``, independent of the learners'
-  default DeepSpeed group) where rank 0 is the sender and the rollout workers (or every
-  tensor-parallel rank of a vLLM engine) receive a flat byte buffer per bucket by broadcast.
-  ``gloo`` is tested on CPU; ``nccl`` is the same code on GPU tensors and is unverified here.
+* ``object_store``: Ray's object store. Learner rank 0 yields each bucket from a streaming generator
+  (``state_dict_stream``, at most two buckets ahead); each bucket is stored once and every worker
+  fetches it. The driver holds ``ObjectRef``s only. At most ``max_inflight_buckets`` are in flight.
+* ``collective``: learner rank 0 drives the whole push by itself in one call
+  (``Learner.broadcast_weights``): for each bucket it broadcasts a header, the bucket's metadata and
+  one flat byte buffer (:func:`broadcast_buckets`) over a side process group that holds rank 0 and
+  every rollout worker (every tensor-parallel rank of a vLLM engine), then an end marker. Each worker
+  runs one call, ``receive_weights(version)``, that loops over :func:`receive_buckets` until the end
+  marker. Weights never pass through the driver. The group is gloo when the learners are on CPU and
+  nccl when they are on CUDA (``Learner.weight_sync_endpoint`` decides); it is formed once and kept,
+  and formed again when a rollout worker or the sending learner changes. gloo is tested on CPU;
+  nccl is the same code on CUDA tensors and is unverified here.
+* ``gloo`` / ``nccl``: the same wire protocol, but the process that calls :meth:`WeightSync.push`
+  is the sender (benchmarks, :class:`CheckpointWeightSource`).
 
 Every push is versioned: the sender refuses a version that is not newer than its last push, and each
-backend refuses it again, so a stale learner can never overwrite newer rollout weights. Each push
-returns :class:`SyncMetrics` (seconds, bytes, GB/s) for the metrics stream.
+backend refuses it again (a collective receiver drains the refused push so the sender never blocks),
+so a stale learner can never overwrite newer rollout weights. Each push returns :class:`SyncMetrics`
+(seconds, bytes, buckets, GB/s) for the metrics stream.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,11 +46,19 @@ import torch
 
 from kexaone_align.errors import KexaoneError
 
+logger = logging.getLogger(__name__)
+
 Bucket = list[tuple[str, torch.Tensor]]
-Transport = Literal["local", "object_store", "gloo", "nccl"]
+Transport = Literal["local", "object_store", "collective", "gloo", "nccl"]
+# what a recipe may choose (rollout.weight_sync_transport)
+LEARNER_TRANSPORTS = ("object_store", "collective")
 # (name, dtype name, shape, byte offset, byte length) for each tensor of a broadcast bucket
 TensorMeta = tuple[str, str, tuple[int, ...], int, int]
 _ALIGN = 16
+# Header of every message of the collective protocol: int64 [kind, version, payload bytes].
+_BUCKET, _END, _ABORT = 0, 1, 2
+# How long a failed push waits for the learners' other ranks to finish their gathers before giving up.
+_SETTLE_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -140,17 +162,18 @@ def open_sync_group(
     """Join the weight-sync side group; independent of any default ``torch.distributed`` group."""
     import torch.distributed as dist
 
+    if backend not in ("gloo", "nccl"):
+        raise KexaoneError(f"unknown collective backend {backend!r}; expected 'gloo' or 'nccl'")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise KexaoneError(
+            "the nccl weight-sync group needs CUDA in every member; use 'gloo' (or the object_store "
+            "transport) on CPU"
+        )
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise KexaoneError(
-                "the nccl weight-sync transport needs CUDA; use 'object_store' or 'gloo' on CPU"
-            )
-        return dist.ProcessGroupNCCL(store, rank, world_size)
-    raise KexaoneError(f"unknown collective backend {backend!r}; expected 'gloo' or 'nccl'")
+    return dist.ProcessGroupNCCL(store, rank, world_size)
 
 
 def broadcast_(group: Any, tensor: torch.Tensor, root: int = 0) -> None:
@@ -163,19 +186,249 @@ def broadcast_(group: Any, tensor: torch.Tensor, root: int = 0) -> None:
 
 
 def receive_bucket(group: Any, metas: Sequence[TensorMeta], device: torch.device | str) -> Bucket:
-    """Receiver side of one bucket broadcast: allocate, receive, and return named views."""
+    """Receive one flat bucket buffer whose metadata is known: allocate, receive, return named views."""
     flat = torch.empty(buffer_size(metas), dtype=torch.uint8, device=device)
     broadcast_(group, flat, root=0)
     return unflatten_bucket(flat, metas)
 
 
+# -- the collective wire protocol ---------------------------------------------------------------------
+# Per bucket: header [_BUCKET, version, n] ; n bytes of JSON metadata ; the flat buffer. Then a header
+# [_END, version, 0]. A sender that fails sends [_ABORT, version, n] and n bytes of UTF-8 reason.
+# JSON, not pickle: a receiver never runs code that came over the wire.
+def _send_header(group: Any, kind: int, version: int, nbytes: int, device: torch.device) -> None:
+    broadcast_(group, torch.tensor([kind, version, nbytes], dtype=torch.int64, device=device))
+
+
+def _send_bytes(group: Any, payload: bytes, device: torch.device) -> None:
+    if payload:
+        broadcast_(group, torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device))
+
+
+def _recv_header(group: Any, device: torch.device) -> tuple[int, int, int]:
+    header = torch.empty(3, dtype=torch.int64, device=device)
+    broadcast_(group, header)
+    kind, version, nbytes = (int(x) for x in header.tolist())
+    return kind, version, nbytes
+
+
+def _recv_bytes(group: Any, nbytes: int, device: torch.device) -> bytes:
+    if nbytes == 0:
+        return b""
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    broadcast_(group, buf)
+    return bytes(buf.cpu().numpy())
+
+
+def _encode_metas(metas: Sequence[TensorMeta]) -> bytes:
+    return json.dumps([list(m) for m in metas]).encode()
+
+
+def _decode_metas(payload: bytes) -> list[TensorMeta]:
+    return [(str(n), str(d), tuple(int(s) for s in shape), int(o), int(b))
+            for n, d, shape, o, b in json.loads(payload)]  # fmt: skip
+
+
+def broadcast_buckets(
+    group: Any, buckets: Iterable[Bucket], device: torch.device | str, *, version: int = 0
+) -> tuple[int, int, int]:
+    """Sender (rank 0) half of a collective push: every bucket, then the end marker.
+
+    Returns ``(bytes, tensors, buckets)``. ``buckets`` is always read to its end, even after a send
+    failed, because on a learner each item is a ZeRO-3 gather that the other learner ranks join: stopping
+    early would leave them waiting. When the push cannot complete the receivers get an abort message
+    (best effort: a broken group may not deliver it) and the first error is raised.
+    """
+    device = torch.device(device)
+    nbytes = ntensors = nbuckets = 0
+    error: BaseException | None = None
+    items = iter(buckets)
+    while True:
+        try:
+            bucket = next(items)
+        except StopIteration:
+            break
+        except BaseException as exc:  # the producer failed: nothing left to read
+            _abort(group, version, exc if error is None else error, device)
+            if error is not None:
+                raise error from exc
+            raise
+        nbuckets += 1
+        nbytes += bucket_nbytes(bucket)
+        ntensors += len(bucket)
+        if error is not None:
+            continue  # keep walking the producer so its collective gathers complete
+        try:
+            flat, metas = flatten_bucket(bucket, device=device)
+            payload = _encode_metas(metas)
+            _send_header(group, _BUCKET, version, len(payload), device)
+            _send_bytes(group, payload, device)
+            broadcast_(group, flat)
+            del flat
+        except BaseException as exc:
+            error = exc
+    if error is not None:
+        _abort(group, version, error, device)
+        raise error
+    _send_header(group, _END, version, 0, device)
+    return nbytes, ntensors, nbuckets
+
+
+def _abort(group: Any, version: int, cause: BaseException, device: torch.device) -> None:
+    reason = f"{type(cause).__name__}: {cause}".encode()[:4096]
+    try:
+        _send_header(group, _ABORT, version, len(reason), device)
+        _send_bytes(group, reason, device)
+    except Exception:  # the group itself is broken: receivers will time out instead
+        logger.warning("weight sync: could not tell the receivers that push %d was aborted", version)
+
+
+def receive_buckets(
+    group: Any, device: torch.device | str, *, version: int | None = None
+) -> Iterator[Bucket]:
+    """Receiver half of a collective push: yields each bucket (views into a fresh flat buffer) until the
+    end marker; raises ``KexaoneError`` if the sender aborted or sent another ``version`` than expected.
+
+    Closing the iterator early (``close()``, or an exception thrown into it) receives and discards the
+    rest of the push, so the sender and the other receivers never block. An exception raised in the
+    consumer's loop body does not close a generator by itself: use :func:`receive_into`, which loads
+    every bucket and still drains after a failed load.
+    """
+    device = torch.device(device)
+    while True:
+        kind, sent, nbytes = _recv_header(group, device)
+        if kind == _END:
+            if version is not None and sent != version:
+                raise KexaoneError(f"weight sync: the sender pushed version {sent}, expected {version}")
+            return
+        if kind == _ABORT:
+            reason = _recv_bytes(group, nbytes, device).decode(errors="replace")
+            raise KexaoneError(f"weight sync: the sender aborted the push of version {sent}: {reason}")
+        if kind != _BUCKET:
+            raise KexaoneError(f"weight sync: unknown message kind {kind} (sender and receiver disagree)")
+        metas = _decode_metas(_recv_bytes(group, nbytes, device))
+        bucket = receive_bucket(group, metas, device)
+        if version is not None and sent != version:
+            _drain(group, device)
+            raise KexaoneError(f"weight sync: the sender pushed version {sent}, expected {version}")
+        try:
+            yield bucket
+        except BaseException:  # closed or thrown into: the rest of the push must still be received
+            _drain(group, device)
+            raise
+
+
+def _drain(group: Any, device: torch.device) -> None:
+    """Receive and drop messages up to the end (or abort) marker."""
+    while True:
+        kind, _, nbytes = _recv_header(group, device)
+        if kind != _BUCKET:
+            _recv_bytes(group, nbytes, device)
+            return
+        metas = _decode_metas(_recv_bytes(group, nbytes, device))
+        receive_bucket(group, metas, device)
+
+
+def receive_into(
+    group: Any, device: torch.device | str, version: int, load: Callable[[Bucket], Any]
+) -> dict[str, int]:
+    """Receive a whole collective push and ``load`` each bucket; returns ``{buckets, tensors, bytes}``.
+
+    If ``load`` raises (a stale version refused by the backend, a bad tensor), the remaining buckets
+    are still received and dropped, and the first error is raised after the end marker: the sender
+    and the other receivers finish the push instead of waiting forever.
+    """
+    counts = {"buckets": 0, "tensors": 0, "bytes": 0}
+    error: BaseException | None = None
+    for bucket in receive_buckets(group, device, version=version):
+        counts["buckets"] += 1
+        counts["tensors"] += len(bucket)
+        counts["bytes"] += bucket_nbytes(bucket)
+        if error is None:
+            try:
+                load(bucket)
+            except Exception as exc:
+                error = exc
+    if error is not None:
+        raise error
+    return counts
+
+
+class BroadcastSender:
+    """The sending end of the collective transport, held by learner rank 0 (or a stand-in).
+
+    Keeps the side group between pushes and the last version it sent over that group; a new group
+    (:meth:`join`) starts a new version history, the driver's :class:`WeightSync` checks across groups.
+    """
+
+    def __init__(self) -> None:
+        self.group: Any = None
+        self.device = torch.device("cpu")
+        self.last_version: int | None = None
+
+    def join(self, host: str, port: int, world_size: int, backend: str, device: torch.device | str) -> None:
+        """Open the side group as its rank 0 (blocks until every receiver has joined)."""
+        self.group = None
+        self.group = open_sync_group(host, port, 0, world_size, backend)
+        self.device = torch.device(device)
+        self.last_version = None
+
+    def send(self, version: int, buckets: Iterable[Bucket], *, keep: bool = False) -> dict[str, Any]:
+        """Broadcast ``buckets`` as ``version``; returns ``{bytes, tensors, buckets, kept}``.
+
+        ``keep``: also put a compact CPU copy of each bucket into Ray's object store (owned by this
+        process) and return the refs in ``kept``, so a rollout worker that is replaced later can be
+        loaded at this version without asking the learners again. A refused push still reads
+        ``buckets`` to its end (the other learner ranks are in the same gathers).
+        """
+        if self.group is None or (self.last_version is not None and version <= self.last_version):
+            for _ in buckets:  # let the other learner ranks finish their gathers
+                pass
+            if self.group is None:
+                raise KexaoneError("broadcast_weights called before join_weight_sync_group")
+            problem = KexaoneError(
+                f"stale weight sync: version {version} is not newer than the last broadcast version "
+                f"{self.last_version}"
+            )
+            _abort(self.group, version, problem, self.device)
+            raise problem
+        kept: list[Any] = []
+        source = _kept_copies(buckets, kept) if keep else buckets
+        nbytes, ntensors, nbuckets = broadcast_buckets(self.group, source, self.device, version=version)
+        self.last_version = version
+        return {"bytes": nbytes, "tensors": ntensors, "buckets": nbuckets, "kept": kept}
+
+
+def _kept_copies(buckets: Iterable[Bucket], kept: list[Any]) -> Iterator[Bucket]:
+    import ray
+
+    for bucket in buckets:
+        kept.append(ray.put([(name, t.detach().to("cpu", copy=True)) for name, t in bucket]))
+        yield bucket
+
+
+def sync_endpoint(backend: str) -> dict[str, Any]:
+    """Where the sender's side-group store will listen: this node's address, a free port, the backend."""
+    try:
+        import ray
+
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    except ImportError:  # pragma: no cover
+        host = "127.0.0.1"
+    return {"host": host, "port": free_port(), "backend": backend}
+
+
 # -- the pusher ---------------------------------------------------------------------------------------
 class WeightSync:
-    """Pushes versioned weights to rollout targets over one transport.
+    """Pushes versioned weights to rollout targets over one transport, and remembers the last version.
 
     ``targets`` are in-process backends (``local``) or ``RolloutWorker`` Ray actor handles (other
-    transports). For ``gloo``/``nccl`` the process that calls :meth:`push` is rank 0 of the side
-    group, so on a cluster it should be the learner rank that gathers the full tensors.
+    transports). :meth:`push` sends buckets the calling process has (``local``, ``object_store``, or
+    ``gloo``/``nccl`` with the caller as rank 0 of the side group). :meth:`push_from_learners` sends
+    a learner group's weights (``object_store`` or ``collective``), with learner rank 0 as the source.
+
+    ``keep``: remember the last push's buckets in the object store (``kept``), for replacing a
+    rollout worker at the same version. With ``collective`` the copy is put by learner rank 0.
     """
 
     def __init__(
@@ -186,34 +439,36 @@ class WeightSync:
         max_inflight_buckets: int = 2,
         host: str | None = None,
         device: str | None = None,
+        keep: bool = False,
     ) -> None:
         if not targets:
             raise KexaoneError("weight sync needs at least one rollout target")
-        if transport not in ("local", "object_store", "gloo", "nccl"):
-            raise KexaoneError(f"unknown weight-sync transport {transport!r}")
+        if transport not in ("local", "object_store", "collective", "gloo", "nccl"):
+            raise KexaoneError(
+                f"unknown weight-sync transport {transport!r}; expected one of "
+                "'local', 'object_store', 'collective', 'gloo', 'nccl'"
+            )
         self.targets = list(targets)
         self.transport = transport
         self.max_inflight_buckets = max(1, max_inflight_buckets)
         self.last_version: int | None = None
+        self.keep = keep
+        self.kept: list[Any] = []
         self._group: Any = None
+        self._group_key: tuple[Any, ...] | None = None  # (sender, workers) the learner-side group joined
         self._host = host
         self._device = device or ("cuda" if transport == "nccl" else "cpu")
 
-    def push(self, version: int, buckets: Iterable[Any]) -> SyncMetrics:
-        """Send every bucket to every target, then publish ``version`` on all of them."""
+    def _claim(self, version: int) -> None:
         if self.last_version is not None and version <= self.last_version:
             raise KexaoneError(
                 f"stale weight sync: version {version} is not newer than the last pushed version "
                 f"{self.last_version}"
             )
-        start = time.perf_counter()
-        if self.transport == "local":
-            nbytes, ntensors, nbuckets = self._push_local(version, buckets)
-        elif self.transport == "object_store":
-            nbytes, ntensors, nbuckets = self._push_object_store(version, buckets)
-        else:
-            nbytes, ntensors, nbuckets = self._push_collective(version, buckets)
+
+    def _metrics(self, version: int, start: float, counts: tuple[int, int, int]) -> SyncMetrics:
         self.last_version = version
+        nbytes, ntensors, nbuckets = counts
         return SyncMetrics(
             version=version,
             transport=self.transport,
@@ -224,6 +479,40 @@ class WeightSync:
             num_workers=len(self.targets),
         )
 
+    def push(self, version: int, buckets: Iterable[Any]) -> SyncMetrics:
+        """Send every bucket to every target, then publish ``version`` on all of them."""
+        if self.transport == "collective":
+            raise KexaoneError("the collective transport sends from learner rank 0: use push_from_learners")
+        self._claim(version)
+        start = time.perf_counter()
+        if self.transport == "local":
+            counts = self._push_local(version, buckets)
+        elif self.transport == "object_store":
+            counts = self._push_object_store(version, buckets)
+        else:
+            counts = self._push_collective(version, buckets)
+        return self._metrics(version, start, counts)
+
+    def push_from_learners(self, learners: Sequence[Any], version: int, bucket_bytes: int) -> SyncMetrics:
+        """Push the learner group's weights as ``version``: rank 0 sends, every other rank joins the
+        ZeRO-3 gathers in one call (see the module docstring for who calls what)."""
+        if not learners:
+            raise KexaoneError("a weight push from learners needs at least one learner")
+        if self.transport not in LEARNER_TRANSPORTS:
+            raise KexaoneError(
+                f"weight sync from learners uses 'object_store' or 'collective', not {self.transport!r}"
+            )
+        if bucket_bytes < 1:
+            raise KexaoneError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        self._claim(version)
+        start = time.perf_counter()
+        if self.transport == "object_store":
+            counts = self._object_store_from_learners(learners, version, bucket_bytes)
+        else:
+            counts = self._collective_from_learners(learners, version, bucket_bytes)
+        return self._metrics(version, start, counts)
+
+    # -- local and object store -------------------------------------------------------------------
     def _push_local(self, version: int, buckets: Iterable[Bucket]) -> tuple[int, int, int]:
         nbytes = ntensors = nbuckets = 0
         for bucket in buckets:
@@ -240,6 +529,7 @@ class WeightSync:
         import ray
 
         nbytes = ntensors = nbuckets = 0
+        kept: list[Any] = []
         inflight: deque[list[Any]] = deque()
 
         def settle(acks: list[Any]) -> None:
@@ -250,6 +540,8 @@ class WeightSync:
 
         for bucket in buckets:
             ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
+            if self.keep:
+                kept.append(ref)
             inflight.append([w.update_weights.remote(version, ref) for w in self.targets])
             nbuckets += 1
             del ref
@@ -258,50 +550,192 @@ class WeightSync:
         while inflight:
             settle(inflight.popleft())
         ray.get([w.finish_update.remote(version) for w in self.targets])
+        self.kept = kept
         return nbytes, ntensors, nbuckets
 
+    def _object_store_from_learners(
+        self, learners: Sequence[Any], version: int, bucket_bytes: int
+    ) -> tuple[int, int, int]:
+        """Rank 0 streams buckets into the object store (two ahead at most); ranks > 0 only gather."""
+        # Backpressure: rank 0 may run at most two buckets ahead of the workers consuming them. The
+        # other ranks' gathers simply wait in the collective for rank 0, which the driver keeps moving.
+        stream = (
+            learners[0].state_dict_stream.options(_generator_backpressure_num_objects=2).remote(bucket_bytes)
+        )
+        gathers = [learner.join_state_dict_gathers.remote(bucket_bytes) for learner in learners[1:]]
+        try:
+            counts = self._push_object_store(version, stream)
+        except BaseException:
+            _drain_stream(stream)  # rank 0 must finish its gathers, or ranks > 0 wait in them forever
+            _settle_quietly(gathers)
+            raise
+        _check_gathers(_get(gathers), counts[2])
+        return counts
+
+    # -- collective -------------------------------------------------------------------------------
     def _ensure_group(self) -> None:
+        """The side group with this process as rank 0 (``gloo``/``nccl`` transports)."""
         if self._group is not None:
             return
         import ray
 
         host = self._host or ray.util.get_node_ip_address()
         port = free_port()
-        ranks = ray.get([w.sync_ranks.remote() for w in self.targets])
+        ranks = _get([w.sync_ranks.remote(self.transport) for w in self.targets])
         world_size = 1 + sum(ranks)
         joins, offset = [], 1
         for worker, n in zip(self.targets, ranks, strict=True):
             joins.append(worker.join_weight_sync_group.remote(host, port, offset, world_size, self.transport))
             offset += n
         self._group = open_sync_group(host, port, 0, world_size, self.transport)
-        ray.get(joins)
+        _get(joins)
 
     def _push_collective(self, version: int, buckets: Iterable[Any]) -> tuple[int, int, int]:
         import ray
 
         self._ensure_group()
-        nbytes = ntensors = nbuckets = 0
-        for bucket in buckets:
-            if isinstance(bucket, ray.ObjectRef):
-                bucket = ray.get(bucket)
-            flat, metas = flatten_bucket(bucket, device=self._device)
-            acks = [w.receive_bucket.remote(version, metas) for w in self.targets]
-            broadcast_(self._group, flat, root=0)
-            ray.get(acks)
-            nbytes += bucket_nbytes(bucket)
-            ntensors += len(bucket)
-            nbuckets += 1
-            del flat, bucket
-        ray.get([w.finish_update.remote(version) for w in self.targets])
-        return nbytes, ntensors, nbuckets
+        receives = [w.receive_weights.remote(version) for w in self.targets]
+        fetched = (ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets)
+        try:
+            counts = broadcast_buckets(self._group, fetched, self._device, version=version)
+        except BaseException:
+            _settle_quietly(receives)
+            self._group = None  # possibly broken: form a new one next time
+            raise
+        _check_received(_get(receives), counts[2])
+        return counts
+
+    def _ensure_learner_group(self, sender: Any) -> None:
+        """Form (once, or again when a member changed) the side group: learner rank 0 is its rank 0."""
+        key = (_actor_key(sender), *(_actor_key(w) for w in self.targets))
+        if self._group_key == key:
+            return
+        self._group_key = None
+        endpoint = _get(sender.weight_sync_endpoint.remote())
+        host, port, backend = endpoint["host"], int(endpoint["port"]), endpoint["backend"]
+        # each worker says how many ranks it takes, and refuses a backend it cannot receive on (an
+        # nccl group with a CPU worker) before anyone starts waiting in the rendezvous
+        ranks = _get([w.sync_ranks.remote(backend) for w in self.targets])
+        world_size = 1 + sum(ranks)
+        joins, offset = [sender.join_weight_sync_group.remote(host, port, world_size, backend)], 1
+        for worker, n in zip(self.targets, ranks, strict=True):
+            joins.append(worker.join_weight_sync_group.remote(host, port, offset, world_size, backend))
+            offset += n
+        _get(joins)
+        self._group_key = key
+
+    def _collective_from_learners(
+        self, learners: Sequence[Any], version: int, bucket_bytes: int
+    ) -> tuple[int, int, int]:
+        """Learner rank 0 broadcasts every bucket in one call; each worker receives in one call."""
+        sender = learners[0]
+        self._ensure_learner_group(sender)
+        receives = [w.receive_weights.remote(version) for w in self.targets]
+        send = sender.broadcast_weights.remote(version, bucket_bytes, self.keep)
+        gathers = [learner.join_state_dict_gathers.remote(bucket_bytes) for learner in learners[1:]]
+        try:
+            sent = _get(send)
+        except BaseException:
+            _settle_quietly(receives)
+            _settle_quietly(gathers)
+            self._group_key = None  # the group may be broken (a dead member): form it again next time
+            raise
+        try:
+            received = _get(receives)
+        except BaseException:
+            _settle_quietly(gathers)
+            self._group_key = None
+            raise
+        _check_received(received, int(sent["buckets"]))
+        _check_gathers(_get(gathers), int(sent["buckets"]))
+        self.kept = list(sent.get("kept") or [])
+        return int(sent["bytes"]), int(sent["tensors"]), int(sent["buckets"])
+
+
+def _get(refs: Any) -> Any:
+    import ray
+
+    return ray.get(refs)
+
+
+def _actor_key(handle: Any) -> Any:
+    actor_id = getattr(handle, "_actor_id", None)
+    return actor_id.hex() if actor_id is not None else id(handle)
+
+
+def _drain_stream(stream: Any) -> None:
+    """Read a learner's bucket stream to its end, dropping the buckets (errors are the caller's)."""
+    try:
+        for ref in stream:
+            del ref
+    except Exception:  # the stream itself failed: the caller raises its own error
+        pass
+
+
+def _settle_quietly(refs: Sequence[Any]) -> None:
+    """Wait (bounded) for remote calls of a failed push to end, ignoring their errors."""
+    import ray
+
+    if not refs:
+        return
+    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=_SETTLE_TIMEOUT_S)
+    for ref in done:
+        try:
+            ray.get(ref)
+        except Exception:
+            pass
+    if pending:
+        logger.warning("weight sync: %d call(s) of a failed push did not finish in %.0fs",
+                       len(pending), _SETTLE_TIMEOUT_S)  # fmt: skip
+
+
+def _check_received(results: Sequence[Any], num_buckets: int) -> None:
+    for index, result in enumerate(results):
+        got = result.get("buckets") if isinstance(result, dict) else None
+        if got is not None and int(got) != num_buckets:
+            raise KexaoneError(
+                f"rollout worker {index} received {got} bucket(s) of the {num_buckets} that were sent"
+            )
+
+
+def _check_gathers(joined: Sequence[int], num_buckets: int) -> None:
+    """Ranks > 0 joined every gather (ZeRO-3) or none (ZeRO-2: nothing is partitioned)."""
+    for rank, count in enumerate(joined, start=1):
+        if int(count) not in (0, num_buckets):
+            raise KexaoneError(
+                f"learner rank {rank} joined {count} state-dict gather(s) but rank 0 sent {num_buckets} "
+                "bucket(s): the ranks disagree on the bucket plan"
+            )
+
+
+def sync_from_learners(
+    learners: Sequence[Any],
+    sync: WeightSync | Sequence[Any],
+    version: int,
+    bucket_bytes: int,
+    transport: Literal["object_store", "collective"] | None = None,
+) -> SyncMetrics:
+    """Push the learners' weights to the rollout workers as ``version``.
+
+    ``sync`` is a :class:`WeightSync` (kept between pushes: it holds the last version and, for the
+    collective transport, the side group) or the worker handles themselves for a one-off push over
+    ``transport`` (default ``object_store``). Learner rank 0 is the only rank that sends data.
+    """
+    if not isinstance(sync, WeightSync):
+        sync = WeightSync(list(sync), transport=transport or "object_store")
+    elif transport is not None and transport != sync.transport:
+        raise KexaoneError(f"sync_from_learners: transport {transport!r} but the WeightSync uses "
+                           f"{sync.transport!r}")  # fmt: skip
+    return sync.push_from_learners(learners, version, bucket_bytes)
 
 
 class CheckpointWeightSource:
-    """A learner stand-in that streams a saved checkpoint's weights the way learners do.
+    """A learner stand-in (one rank) that serves a saved checkpoint's weights the way learners do.
 
-    Useful to (re)load rollout workers from a checkpoint (resume, GROUPER's initial policy) and in
-    tests: ``state_dict_stream`` yields full tensors in buckets like the learner actor's, and
-    :meth:`push_to` shows how a learner drives a collective (gloo/nccl) push from its own process.
+    Useful to (re)load rollout workers from a checkpoint and in tests: ``state_dict_stream`` yields
+    full tensors in buckets like the learner's, the ``weight_sync_endpoint`` / ``join_weight_sync_group``
+    / ``broadcast_weights`` trio is the learner's side of the collective transport, and :meth:`push_to`
+    drives a ``gloo``/``nccl`` push with this process as the sender.
     """
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu") -> None:
@@ -310,9 +744,23 @@ class CheckpointWeightSource:
         self.device = device
         self.model = load_policy(model_path, dtype=dtype, device=device).eval()
         self._syncs: dict[str, WeightSync] = {}
+        self._sender = BroadcastSender()
 
     def state_dict_stream(self, bucket_bytes: int) -> Iterator[Bucket]:
         yield from bucketize(self.model.state_dict().items(), bucket_bytes)
+
+    def join_state_dict_gathers(self, bucket_bytes: int, start: int = 0) -> int:
+        """Nothing is sharded here: there is no gather to join."""
+        return 0
+
+    def weight_sync_endpoint(self) -> dict[str, Any]:
+        return sync_endpoint("nccl" if torch.device(self.device).type == "cuda" else "gloo")
+
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        self._sender.join(host, port, world_size, backend, self.device)
+
+    def broadcast_weights(self, version: int, bucket_bytes: int, keep: bool = False) -> dict[str, Any]:
+        return self._sender.send(version, self.state_dict_stream(bucket_bytes), keep=keep)
 
     def push_to(
         self, workers: Sequence[Any], version: int, bucket_bytes: int, transport: Transport
@@ -326,24 +774,3 @@ class CheckpointWeightSource:
     def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
         ids = torch.tensor(token_ids, device=self.device)
         return self.model(input_ids=ids, use_cache=False).logits.float().cpu()
-
-
-def sync_from_learners(
-    learners: Sequence[Any], sync: WeightSync, version: int, bucket_bytes: int
-) -> SyncMetrics:
-    """Drive ``state_dict_stream`` on every learner rank (the ZeRO-3 gather is collective) and push
-    the buckets that rank 0 yields; other ranks are expected to yield nothing."""
-    if not learners:
-        raise KexaoneError("sync_from_learners needs at least one learner")
-    # Backpressure: a learner may run at most two buckets ahead of the workers consuming them.
-    streams = [
-        learner.state_dict_stream.options(_generator_backpressure_num_objects=2).remote(bucket_bytes)
-        for learner in learners
-    ]
-    metrics = sync.push(version, iter(streams[0]))
-    import ray
-
-    for stream in streams[1:]:
-        for ref in stream:
-            ray.get(ref)
-    return metrics

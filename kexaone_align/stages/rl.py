@@ -293,6 +293,7 @@ def rollout_pool_for(recipe: Any, model_path: Any, learners: Any = None) -> Roll
     return RolloutPool(
         str(model_path), roll.backend, roll.num_workers, plan=plan, placement_group=group,
         max_worker_restarts=roll.max_worker_restarts, job_timeout_s=roll.job_timeout_s,
+        weight_sync_transport=roll.weight_sync_transport,
     )  # fmt: skip
 
 

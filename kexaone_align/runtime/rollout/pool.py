@@ -17,7 +17,7 @@ from typing import Any
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.rollout.base import RolloutRequest, RolloutSample, SamplingConfig
 from kexaone_align.runtime.rollout.resources import RolloutPlan, actor_options, create_rollout_group
-from kexaone_align.runtime.weight_sync import WeightSync
+from kexaone_align.runtime.weight_sync import LEARNER_TRANSPORTS, WeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ class RolloutPool:
     is a ``KexaoneError``. ``rollout/worker_restarts`` in :meth:`collect`'s metrics counts them.
     A worker that holds a job longer than ``job_timeout_s`` is taken as hung and treated the same way
     (killed first, so its late result can never arrive twice).
+
+    Weights (:meth:`push_weights`) travel over ``weight_sync_transport`` (``rollout.weight_sync_transport``).
+    Either way the last push is kept in the object store while restarts are allowed (with
+    ``collective`` the copy is put there by learner rank 0), so a replacement is loaded with exactly
+    the pool's current version before it gets any request; a worker is never served from at another
+    version than its peers. With ``collective`` a replacement also makes the next push form the side
+    group again, with the new worker in it.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class RolloutPool:
         job_timeout_s: float | None = None,
         plan: RolloutPlan | None = None,
         placement_group: Any = None,
+        weight_sync_transport: str = "object_store",
     ) -> None:
         """Start the workers: from a recipe's :class:`RolloutPlan` (``rollout_pool_for``), or for tests
         from the plain arguments (CPU actors). ``placement_group`` is the learners' group, which a
@@ -71,6 +79,11 @@ class RolloutPool:
             raise KexaoneError(f"rollout.num_workers must be >= 1, got {num_workers}")
         if max_worker_restarts < 0:
             raise KexaoneError(f"rollout.max_worker_restarts must be >= 0, got {max_worker_restarts}")
+        if weight_sync_transport not in LEARNER_TRANSPORTS:
+            raise KexaoneError(
+                f"rollout.weight_sync_transport must be one of {list(LEARNER_TRANSPORTS)}, "
+                f"got {weight_sync_transport!r}"
+            )
         if plan is None:
             engine: dict[str, Any] = {"dtype": dtype}
             if backend == "hf":
@@ -95,6 +108,7 @@ class RolloutPool:
         self.version = 0  # the policy version the pool last pushed (workers start at 0: model_path)
         self._weights: list[Any] = []  # ObjectRefs of that push's buckets (only while restarts are allowed)
         self._jobs: dict[Any, RolloutJob] = {}  # submitted, not yet collected, by future
+        self.weight_sync_transport = weight_sync_transport
         self._sync: Any = None
 
     def _start_worker(self, index: int) -> Any:
@@ -231,18 +245,55 @@ class RolloutPool:
         return self.collect(self.submit(requests, sampling))[0]
 
     def push_weights(self, learners: Any, version: int, bucket_bytes: int) -> dict[str, float]:
-        """Stream the learners' parameters to every worker as ``version`` (object store transport)."""
+        """Send the learner group's parameters to every worker as ``version``; returns the sync metrics.
+
+        ``object_store``: a worker that dies during the push is replaced afterwards, at the new version.
+        ``collective``: dead workers are replaced before the push (a dead member would leave the others
+        waiting in the group's rendezvous); if the push fails and a worker turns out to have died in it,
+        the dead are replaced (at the previous version) and the push is retried once, at the same
+        version, over a new group: the learners still hold exactly that version, and the survivors
+        accept it again because they never published it.
+        """
         from kexaone_align.runtime.weight_sync import sync_from_learners
 
         if self._sync is None:
-            self._sync = _KeepingSync(self.workers, keep=self.max_worker_restarts > 0)
-        metrics = sync_from_learners(learners.actors, self._sync, version, bucket_bytes)
+            self._sync = _KeepingSync(
+                self.workers, transport=self.weight_sync_transport, keep=self.max_worker_restarts > 0
+            )
+        collective = self._sync.transport == "collective"
+        if collective:
+            self._replace_dead_workers()
+        try:
+            metrics = sync_from_learners(learners.actors, self._sync, version, bucket_bytes)
+        except Exception as exc:
+            if not (collective and self._replace_dead_workers()):
+                raise
+            logger.warning("weight push of version %d failed (%s); retrying once with the replaced "
+                           "worker(s)", version, type(exc).__name__)  # fmt: skip
+            metrics = sync_from_learners(learners.actors, self._sync, version, bucket_bytes)
         self.version = version
         self._weights = self._sync.kept
         dead, self._sync.dead = self._sync.dead, {}
         for index, cause in sorted(dead.items()):  # died during the push: replaced at the new version
             self._replace_worker(index, cause)
         return metrics.as_dict()
+
+    def _replace_dead_workers(self) -> int:
+        """Replace every worker that no longer answers because its actor died; returns how many."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        pings = [(i, w, w.ping.remote()) for i, w in enumerate(self.workers)]
+        replaced = 0
+        for index, worker, ping in pings:
+            try:
+                ray.get(ping)
+            except RayActorError as exc:
+                if not _died(exc, worker):
+                    raise
+                self._replace_worker(index, exc)
+                replaced += 1
+        return replaced
 
     def versions(self) -> list[int]:
         import ray
@@ -302,18 +353,18 @@ def _check_complete(jobs: Sequence[RolloutJob], samples: Sequence[RolloutSample]
 
 
 class _KeepingSync(WeightSync):
-    """The pool's object-store ``WeightSync``, tolerant of rollout workers that die during a push.
+    """The pool's ``WeightSync``, tolerant of rollout workers that die during an object-store push.
 
-    With ``keep``: the ObjectRefs of the last push's buckets are kept (``kept``) so a replacement worker
-    can be loaded with the same weights without asking the learners again, and a worker that dies
-    mid-push is recorded in ``dead`` (index -> error) while the push goes on to the others (the learners'
-    bucket stream is always read to its end). Without ``keep`` a death raises, as in ``WeightSync``.
+    With ``keep``: the ObjectRefs of the last push's buckets are kept (``kept``; for ``collective`` they
+    are copies put by learner rank 0) so a replacement worker can be loaded with the same weights
+    without asking the learners again. In an object-store push a worker that dies mid-push is recorded
+    in ``dead`` (index -> error) while the push goes on to the others (the learners' bucket stream is
+    always read to its end). Without ``keep`` a death raises, as in ``WeightSync``. A death in a
+    collective push breaks the group for everyone, so :meth:`RolloutPool.push_weights` handles it.
     """
 
-    def __init__(self, targets: Sequence[Any], *, keep: bool) -> None:
-        super().__init__(targets, transport="object_store")
-        self.keep = keep
-        self.kept: list[Any] = []
+    def __init__(self, targets: Sequence[Any], *, transport: str, keep: bool) -> None:
+        super().__init__(targets, transport=transport, keep=keep)  # type: ignore[arg-type]
         self.dead: dict[int, BaseException] = {}
 
     def _push_object_store(self, version: int, buckets: Iterable[Any]) -> tuple[int, int, int]:

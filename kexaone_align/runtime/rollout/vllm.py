@@ -317,17 +317,18 @@ class VLLMRolloutBackend:
             "kexaone_join_sync_group", args=(host, port, rank_offset, world_size, backend)
         )
 
-    def receive_weights(self, version: int) -> None:
+    def receive_weights(self, version: int) -> dict[str, int]:
         """Collective path: every TP rank receives the whole push from learner rank 0 and loads it. A
         stale version is still received (and discarded) so the sender never deadlocks, then refused."""
         try:
             self._versions.begin(version)
         except KexaoneError:
-            self.llm.collective_rpc("kexaone_receive_weights", args=(False,))
+            self.llm.collective_rpc("kexaone_receive_weights", args=(version, False))
             raise
-        self.llm.collective_rpc("kexaone_receive_weights", args=(True,))
+        counts = self.llm.collective_rpc("kexaone_receive_weights", args=(version, True))
         self._versions.finish(version)
         self.llm.reset_prefix_cache()
+        return dict(counts[0]) if counts and isinstance(counts[0], dict) else {}
 
     def release_memory(self) -> None:
         if self.enable_sleep_mode:

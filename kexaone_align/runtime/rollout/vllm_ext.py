@@ -97,18 +97,15 @@ class WeightSyncWorkerExtension:
         rank = rank_offset + get_world_group().rank
         self._kexaone_group = open_sync_group(host, port, rank, world_size, backend)
 
-    def kexaone_receive_weights(self, load: bool = True) -> int:
-        """Receive one whole push (every bucket until the sender's end marker); ``load=False`` receives
-        and discards, so a refused stale version never leaves the sender waiting."""
-        from kexaone_align.runtime.weight_sync import receive_buckets
+    def kexaone_receive_weights(self, version: int, load: bool = True) -> dict[str, int]:
+        """Receive one whole push (every bucket until the sender's end marker) and load it; returns
+        ``{buckets, tensors, bytes}``. ``load=False`` receives and discards (a refused stale version), and
+        a failed load still receives the rest, so the sender never waits forever."""
+        from kexaone_align.runtime.weight_sync import receive_into
 
-        if load:
-            self.kexaone_begin_update()
-        count = 0
-        for bucket in receive_buckets(self._kexaone_group, self.device):
-            if load:
-                self._kexaone_load(bucket)
-            count += 1
-        if load:
-            self.kexaone_finish_update()
-        return count
+        if not load:
+            return receive_into(self._kexaone_group, self.device, version, lambda bucket: None)
+        self.kexaone_begin_update()
+        counts = receive_into(self._kexaone_group, self.device, version, self._kexaone_load)
+        self.kexaone_finish_update()
+        return counts

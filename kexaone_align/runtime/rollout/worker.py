@@ -82,33 +82,62 @@ class RolloutWorker:
             raise KexaoneError(f"the {self.backend_name} backend does not expose logits")
         return self.backend.logits(token_ids)
 
-    # -- collective (gloo/nccl) weight-sync receiver ---------------------------------------------
-    def sync_ranks(self) -> int:
-        """How many ranks this worker occupies in the weight-sync group (vLLM: one per TP rank)."""
+    # -- collective weight-sync receiver -----------------------------------------------------------
+    def sync_ranks(self, backend: str | None = None) -> int:
+        """How many ranks this worker occupies in the weight-sync group (vLLM: one per TP rank).
+
+        With ``backend`` it also refuses, before any rendezvous starts, a group it could not receive
+        on: nccl needs the backend's weights on a CUDA device.
+        """
+        if backend == "nccl" and torch.device(getattr(self.backend, "device", "cuda")).type != "cuda":
+            raise KexaoneError(
+                f"the {self.backend_name} rollout worker holds its weights on "
+                f"{getattr(self.backend, 'device', '?')}, so it cannot receive a nccl weight push; "
+                "run the learners on CPU (gloo) or set rollout.weight_sync_transport=object_store"
+            )
         return int(getattr(self.backend, "sync_ranks", lambda: 1)())
 
     def join_weight_sync_group(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str
     ) -> None:
+        """Join (or re-join, replacing the old one) the side group as ranks ``rank_offset..``."""
         if hasattr(self.backend, "join_weight_sync_group"):
             self.backend.join_weight_sync_group(host, port, rank_offset, world_size, backend)
             return
         from kexaone_align.runtime.weight_sync import open_sync_group
 
+        self._group = None  # drop the old group before the rendezvous of the new one
         self._group = open_sync_group(host, port, rank_offset, world_size, backend)
 
-    def receive_bucket(self, version: int, metas: list[Any]) -> int:
-        """Take part in one bucket broadcast, then load it (a stale version is refused after receiving)."""
-        if hasattr(self.backend, "receive_bucket"):
-            self.backend.receive_bucket(version, metas)
-            return len(metas)
-        from kexaone_align.runtime.weight_sync import receive_bucket
+    def receive_weights(self, version: int) -> dict[str, int]:
+        """Receive one whole collective push (every bucket up to the end marker), load it and publish
+        ``version``; returns ``{buckets, tensors, bytes}`` so the driver can check nothing was lost.
+
+        A backend with its own ``receive_weights`` (vLLM: every TP rank receives inside the engine's
+        worker processes) does it all itself. Otherwise this process receives and feeds the backend's
+        ``update_weights``; a refused (stale) version is drained to the end before it is raised, so the
+        sender and the other workers never block.
+        """
+        if hasattr(self.backend, "receive_weights"):
+            result = self.backend.receive_weights(version)
+            return dict(result) if isinstance(result, dict) else {}
+        from kexaone_align.runtime.weight_sync import receive_into
 
         if self._group is None:
-            raise KexaoneError("receive_bucket called before join_weight_sync_group")
-        bucket = receive_bucket(self._group, metas, device=getattr(self.backend, "device", "cpu"))
-        self.backend.update_weights(version, bucket)
-        return len(bucket)
+            raise KexaoneError(
+                "receive_weights called before join_weight_sync_group"
+                + (
+                    f" (the {self.backend_name} backend joined the group itself but has no receive_weights)"
+                    if hasattr(self.backend, "join_weight_sync_group")
+                    else ""
+                )
+            )
+        device = getattr(self.backend, "device", "cpu")
+        counts = receive_into(
+            self._group, device, version, lambda bucket: self.backend.update_weights(version, bucket)
+        )
+        self.backend.finish_update(version)
+        return counts
 
 
 def remote_rollout_worker(
