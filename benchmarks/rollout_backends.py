@@ -104,6 +104,7 @@ def main() -> None:
     hf_rate = median([x["hf"]["tokens_per_s"] for x in rounds])
     vllm_rate = median([x["vllm"]["tokens_per_s"] for x in rounds])
     result = {
+        "benchmark": "rollout_backends",
         "command": command_line(),
         "machine": info,
         "settings": {

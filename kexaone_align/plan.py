@@ -256,6 +256,14 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         if cluster.gpu_memory_gib:
             free = cluster.gpu_memory_gib * GIB * roll.gpu_memory_utilization - r_weights
             rollout["max_sequences_that_fit"] = max(0, int(free // kv_seq)) if kv_seq else None
+        from kexaone_align.runtime.rollout.resources import rollout_plan
+
+        placed = rollout_plan(recipe)  # what the run will ask Ray for (runtime.rollout.resources)
+        rollout["placement"] = {
+            "layout": placed.layout, "gpus_per_worker_actor": placed.num_gpus,
+            "bundles_per_worker": len(placed.bundle_indices[0]) if placed.bundle_indices else 0,
+            "engine": {k: v for k, v in placed.engine.items() if k != "seed"},
+        }  # fmt: skip
     host, disk = _host_and_disk_bytes(recipe, counts["total"], b_w)
     colocated = cluster.placement == "colocated"
     peak = learner_total + rollout_total if colocated else max(learner_total, rollout_total)

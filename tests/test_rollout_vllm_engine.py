@@ -51,6 +51,19 @@ def processed_logprobs(model, ids, n_prompt, temperature, top_p) -> torch.Tensor
     return logp[rows, torch.tensor(ids[n_prompt:])]
 
 
+def assert_engine_serves_samples(samples, path, sampling, atol=1e-5):
+    """The samples' log-probs are those of the checkpoint at ``path`` (what the engine must be serving)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for s in samples:
+        ids = s.prompt_token_ids + s.token_ids
+        want = processed_logprobs(model, ids, len(s.prompt_token_ids), sampling.temperature, sampling.top_p)
+        assert torch.allclose(torch.tensor(s.logprobs), want, atol=atol), (
+            (torch.tensor(s.logprobs) - want).abs().max()
+        )
+
+
 def assert_engine_serves(engine, path_or_model, sampling, atol=1e-5):
     from transformers import AutoModelForCausalLM
 
@@ -117,8 +130,9 @@ def test_cpu_build_refuses_mtp_and_sleep_mode(checkpoints):
 
 
 def test_engine_in_a_ray_actor_is_replaced_when_it_dies(checkpoints):
-    """A vLLM rollout worker (Ray actor, CPU plan) serving pushed weights dies mid-generation: the pool
-    replaces it, loads the pushed version into the replacement, and returns the same samples."""
+    """A vLLM rollout worker (Ray actor, CPU plan) receives a collective (gloo) push in >= 10 buckets from
+    a learner-like sender, then dies mid-generation: the pool replaces it, loads the pushed version into
+    the replacement (from the copy the sender kept), and returns the same samples."""
     import ray
 
     from kexaone_align.runtime import faults
@@ -130,7 +144,8 @@ def test_engine_in_a_ray_actor_is_replaced_when_it_dies(checkpoints):
     try:
         engine = {"dtype": "float32", "max_model_len": 256, "seed": 0}
         plan = RolloutPlan("vllm", 1, "cpu", 1.0, 0.0, 1, [], [], None, engine)
-        pool = RolloutPool(str(checkpoints[0]), "vllm", 1, plan=plan, max_worker_restarts=1)
+        pool = RolloutPool(str(checkpoints[0]), "vllm", 1, plan=plan, max_worker_restarts=1,
+                           weight_sync_transport="collective")  # fmt: skip
         with checkpoint_weights(checkpoints[1], "float32") as source:
             metrics = pool.push_weights(source, 1, 1 << 20)
         assert metrics["weight_sync/buckets"] >= 10
@@ -138,6 +153,7 @@ def test_engine_in_a_ray_actor_is_replaced_when_it_dies(checkpoints):
         requests = [RolloutRequest(f"r{i}", PROMPT, num_samples=2) for i in range(3)]
         want = pool.generate(requests, sampling)
         assert {s.policy_version for s in want} == {1}
+        assert_engine_serves_samples(want, checkpoints[1], sampling)
 
         def kill_worker(pool, jobs):
             ray.kill(jobs[0].actor, no_restart=True)
