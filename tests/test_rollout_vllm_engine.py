@@ -146,26 +146,27 @@ def test_engine_in_a_ray_actor_is_replaced_when_it_dies(checkpoints):
         plan = RolloutPlan("vllm", 1, "cpu", 1.0, 0.0, 1, [], [], None, engine)
         pool = RolloutPool(str(checkpoints[0]), "vllm", 1, plan=plan, max_worker_restarts=1,
                            weight_sync_transport="collective")  # fmt: skip
+        # the sender lives as long as a learner does: the copy kept for replacements is its object
         with checkpoint_weights(checkpoints[1], "float32") as source:
             metrics = pool.push_weights(source, 1, 1 << 20)
-        assert metrics["weight_sync/buckets"] >= 10
-        sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=9)
-        requests = [RolloutRequest(f"r{i}", PROMPT, num_samples=2) for i in range(3)]
-        want = pool.generate(requests, sampling)
-        assert {s.policy_version for s in want} == {1}
-        assert_engine_serves_samples(want, checkpoints[1], sampling)
+            assert metrics["weight_sync/buckets"] >= 10
+            sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=9)
+            requests = [RolloutRequest(f"r{i}", PROMPT, num_samples=2) for i in range(3)]
+            want = pool.generate(requests, sampling)
+            assert {s.policy_version for s in want} == {1}
+            assert_engine_serves_samples(want, checkpoints[1], sampling)
 
-        def kill_worker(pool, jobs):
-            ray.kill(jobs[0].actor, no_restart=True)
+            def kill_worker(pool, jobs):
+                ray.kill(jobs[0].actor, no_restart=True)
 
-        with faults.injected("rollout.submitted", kill_worker):
-            futures = pool.submit(requests, sampling)
-        got, stats = pool.collect(futures)
-        assert stats["rollout/worker_restarts"] == 1.0
-        assert [(s.request_id, s.sample_index, s.token_ids) for s in got] == [
-            (s.request_id, s.sample_index, s.token_ids) for s in want
-        ]
-        assert {s.policy_version for s in got} == {1}, "the replacement serves the pushed version"
+            with faults.injected("rollout.submitted", kill_worker):
+                futures = pool.submit(requests, sampling)
+            got, stats = pool.collect(futures)
+            assert stats["rollout/worker_restarts"] == 1.0
+            assert [(s.request_id, s.sample_index, s.token_ids) for s in got] == [
+                (s.request_id, s.sample_index, s.token_ids) for s in want
+            ]
+            assert {s.policy_version for s in got} == {1}, "the replacement serves the pushed version"
         pool.shutdown()
     finally:
         ray.shutdown()
