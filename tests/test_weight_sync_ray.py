@@ -123,6 +123,36 @@ def test_collective_push_driven_from_a_learner_process(workers, learner):
     assert metrics.version == version and metrics.num_workers == 2
 
 
+def test_learner_collective_transport_with_a_one_rank_stand_in(workers, learner, checkpoints):
+    """The recipe's 'collective' transport: the learner-side process broadcasts in one call, each worker
+    receives in one call; a replaced worker makes the next push form the group again."""
+    version = ray.get(workers[0].ping.remote())["policy_version"] + 1
+    target = ray.get(learner.logits.remote(PROBE))
+    sync = WeightSync(workers, transport="collective", keep=True)
+    metrics = sync_from_learners([learner], sync, version, 256 * 1024)
+    assert metrics.transport == "collective" and metrics.num_buckets > 10
+    assert len(sync.kept) == metrics.num_buckets  # the copy for replacing a worker, put by the sender
+    for got in logits_of(workers):
+        assert torch.equal(got, target)
+    key = sync._group_key
+    with pytest.raises(KexaoneError, match="stale"):
+        sync_from_learners([learner], sync, version, 256 * 1024)
+
+    fresh = remote_rollout_worker("hf", num_cpus=0.5, model_path=checkpoints[0], max_batch_size=4)
+    WeightSync([fresh], transport="object_store").push(version, sync.kept)  # as RolloutPool does
+    assert torch.equal(ray.get(fresh.logits.remote(PROBE)), target)
+    sync.targets[1] = fresh
+    try:
+        sync_from_learners([learner], sync, version + 1, 256 * 1024)
+        assert sync._group_key != key  # formed again, with the new worker in it
+        assert [ray.get(w.ping.remote())["policy_version"] for w in sync.targets] == [version + 1] * 2
+        # a one-off push to a worker list works too (its own group)
+        metrics = sync_from_learners([learner], [fresh], version + 2, 1 << 20, transport="collective")
+        assert ray.get(fresh.ping.remote())["policy_version"] == version + 2 and metrics.num_buckets > 10
+    finally:
+        ray.kill(fresh)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL broadcast needs 2 GPUs (learner + worker)")
 def test_nccl_broadcast_sync(ray_session, checkpoints):  # pragma: no cover - GPU only
