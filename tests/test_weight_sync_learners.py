@@ -156,6 +156,13 @@ def test_ranks_above_zero_join_gathers_only_under_zero3(learners):
     assert num >= 10
     rank0 = learners.actors[0].join_state_dict_gathers.remote(BUCKET)
     assert ray.get([rank0, others], timeout=120) == [num, num]
+    # a caller that stops reading the group's stream early: rank 0 walks the rest of the gathers
+    stream = learners.state_dict_stream(BUCKET)
+    assert next(stream) and next(stream)
+    stream.close()
+    rank0 = learners.actors[0].join_state_dict_gathers.remote(BUCKET, num - 1)
+    others = learners.actors[1].join_state_dict_gathers.remote(BUCKET, num - 1)
+    assert ray.get([rank0, others], timeout=120) == [1, 1], "the learners were left out of step"
 
 
 def test_collective_pool_replaces_dead_workers_at_the_pushed_version(learners, checkpoints):
