@@ -100,8 +100,15 @@ class RolloutPool:
             raise KexaoneError("a colocated rollout plan needs the learners' placement group")
         if plan.bundles:  # disaggregated: the engines' own placement group
             self._group = self._owned_group = create_rollout_group(plan)
-        self.workers = [self._start_worker(i) for i in range(num_workers)]
-        self._wait_ready(self.workers)
+        self.workers: list[Any] = []
+        self._weights: list[Any] = []
+        self._jobs: dict[Any, RolloutJob] = {}
+        try:
+            self.workers = [self._start_worker(i) for i in range(num_workers)]
+            self._wait_ready(self.workers)
+        except BaseException:  # an engine that cannot load: leave no actor or placement group behind
+            self.shutdown()
+            raise
         self.max_worker_restarts = max_worker_restarts
         self.job_timeout_s = job_timeout_s
         self.worker_restarts = 0
