@@ -21,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_session_leaks_into_the_next_module():
+    """Stage runs leave their local Ray up (a pipeline reuses it); a module that then asks
+    ``init_ray(num_cpus=4)`` would silently get that smaller session and wait forever for room. Each
+    test module therefore ends with no Ray session."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
