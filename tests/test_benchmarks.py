@@ -46,7 +46,8 @@ def test_memcpy_bandwidth_is_positive_and_recorded():
 
 
 @pytest.mark.parametrize(
-    "name", ["logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels"]
+    "name",
+    ["logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels", "rollout_backends"],
 )
 def test_committed_results_are_traceable(name):
     path = BENCH / "results" / f"{name}.json"
