@@ -35,7 +35,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory (a directory entry is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -46,8 +47,8 @@ def _fsync_path(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,7 +83,7 @@ def save_trainer_state(directory: str | Path, state: dict[str, Any]) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     os.rename(tmp, target)
-    _fsync_path(directory)
+    fsync_path(directory)
     return target
 
 
@@ -126,7 +127,7 @@ def atomic_checkpoint(final_dir: str | Path) -> Iterator[Path]:
         fh.write("ok\n")
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_path(tmp)
+    fsync_path(tmp)
     if final_dir.exists():
         old = final_dir.with_name(f"{final_dir.name}.old-{os.getpid()}")
         os.rename(final_dir, old)
@@ -134,7 +135,7 @@ def atomic_checkpoint(final_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final_dir)
-    _fsync_path(final_dir.parent)
+    fsync_path(final_dir.parent)
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

@@ -166,6 +166,23 @@ class LearnerGroup:
             self.placement_group = None
 
 
+def ready_placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: float, what: str) -> Any:
+    """A placement group of ``bundles``, ready; if Ray cannot place it within ``timeout_s`` it is removed
+    and the error names ``what`` was being placed (Ray itself would wait forever)."""
+    import ray
+    from ray.util import placement_group, remove_placement_group
+
+    group = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except Exception as exc:
+        remove_placement_group(group)
+        raise KexaoneError(
+            f"could not place {what} with {bundles[0]} each ({strategy}) within {timeout_s:g}s: {exc}"
+        ) from exc
+    return group
+
+
 def create_learner_group(
     num_learners: int,
     model_path: str | Path,
@@ -177,7 +194,6 @@ def create_learner_group(
 ) -> LearnerGroup:
     """Place ``num_learners`` learner actors, join them into one process group, build their engines."""
     import ray
-    from ray.util import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if num_learners < 1:
@@ -192,16 +208,9 @@ def create_learner_group(
     if res.num_gpus > 0:
         bundle["GPU"] = res.num_gpus
     strategy = res.strategy or ("PACK" if placement == "colocated" else "SPREAD")
-    pg = placement_group([dict(bundle) for _ in range(num_learners)], strategy=strategy)
-    try:
-        ray.get(pg.ready(), timeout=ready_timeout_s)
-    except Exception as exc:
-        from ray.util import remove_placement_group
-
-        remove_placement_group(pg)
-        raise KexaoneError(
-            f"could not place {num_learners} learners with {bundle} each ({strategy}): {exc}"
-        ) from exc
+    pg = ready_placement_group(
+        [dict(bundle) for _ in range(num_learners)], strategy, ready_timeout_s, f"{num_learners} learners"
+    )
     actor_cpus = res.num_cpus
     actor_gpus = res.num_gpus * (res.gpu_fraction if placement == "colocated" else 1.0)
     cls = learner_actor_class()

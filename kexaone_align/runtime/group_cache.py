@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.checkpoint import fsync_path
 from kexaone_align.runtime.rollout.base import RolloutSample
 
 MAGIC = b"KXG1"
@@ -136,8 +137,8 @@ class GroupCache:
         directory.mkdir(parents=True)
         self._file = open(directory / DATA_FILE, "w+b")
         self._fsync()
-        _fsync_dir(directory)
-        _fsync_dir(self.root)
+        fsync_path(directory)
+        fsync_path(self.root)
         self._index, self._end = {}, 0
 
     def _scan(self) -> None:
@@ -246,14 +247,6 @@ class GroupCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ records

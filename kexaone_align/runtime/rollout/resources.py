@@ -169,18 +169,9 @@ def actor_options(plan: RolloutPlan, index: int, group: Any = None) -> dict[str,
 
 def create_rollout_group(plan: RolloutPlan, timeout_s: float = 600.0) -> Any:
     """The engines' own placement group (disaggregated), ready; a clear error if Ray cannot place it."""
-    import ray
-    from ray.util import placement_group, remove_placement_group
+    from kexaone_align.runtime.cluster import ready_placement_group
 
     if not plan.bundles:
         raise KexaoneError(f"a {plan.layout} rollout plan has no placement group of its own")
-    group = placement_group([dict(b) for b in plan.bundles], strategy=plan.strategy or "PACK")
-    try:
-        ray.get(group.ready(), timeout=timeout_s)
-    except Exception as exc:
-        remove_placement_group(group)
-        raise KexaoneError(
-            f"could not place {plan.num_workers} rollout engine(s) with {plan.bundles[0]} each "
-            f"({plan.strategy}) within {timeout_s:g}s: {exc}"
-        ) from exc
-    return group
+    what = f"{plan.num_workers} rollout engine(s)"
+    return ready_placement_group([dict(b) for b in plan.bundles], plan.strategy or "PACK", timeout_s, what)
