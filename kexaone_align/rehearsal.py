@@ -62,34 +62,26 @@ def scaled_architecture(recipe: Recipe) -> dict[str, Any]:
     dense = arch.first_k_dense_replace or 0
     layers = max(pattern * LAYER_GROUPS, dense + 1)
     top_k = min(arch.num_experts_per_tok, SCALED["num_experts"] // 2)
-    return {
+    return {  # transformers' ExaoneMoeConfig keywords; the layer pattern spelled out per layer
         **SCALED,
         "num_hidden_layers": layers,
-        "sliding_window_pattern": pattern,
-        "first_k_dense_replace": dense,
+        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                        for i in range(layers)],
+        "mlp_layer_types": ["dense" if i < dense else "sparse" for i in range(layers)],
         "num_experts_per_tok": max(1, top_k),
         "num_shared_experts": arch.num_shared_experts,
-    }
+    }  # fmt: skip
 
 
 def prepare_assets(first_stage: Recipe, out: Path, seed: int) -> dict[str, Path]:
     """The scaled checkpoint and the data files (reused when they already exist: a resumed rehearsal)."""
     from kexaone_align.data.tiny_tasks import write_tiny_dataset
     from kexaone_align.models import build_tiny_checkpoint
-    from kexaone_align.models.tiny import tiny_config
 
     assets = out / "assets"
     ckpt = assets / "checkpoint"
     if not (ckpt / "config.json").is_file():
-        arch = scaled_architecture(first_stage)
-        n_layers, pattern, dense = arch.pop("num_hidden_layers"), arch.pop("sliding_window_pattern"), \
-            arch.pop("first_k_dense_replace")  # fmt: skip
-        arch["num_hidden_layers"] = n_layers
-        arch["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                               for i in range(n_layers)]  # fmt: skip
-        arch["mlp_layer_types"] = ["dense" if i < dense else "sparse" for i in range(n_layers)]
-        tiny_config(512, **arch)  # fail here, naming the field, if the scaled shape is inconsistent
-        build_tiny_checkpoint(ckpt, seed=seed, architecture=arch)
+        build_tiny_checkpoint(ckpt, seed=seed, architecture=scaled_architecture(first_stage))
     data = assets / "data"
     if not (data / "manifest.json").is_file():
         write_tiny_dataset(data, seed, sizes=ROWS)
