@@ -74,7 +74,7 @@ def test_cpu_and_simulated_layouts_run_engines_on_cpu():
     assert plan.engine == {"dtype": "float32", "max_batch_size": 7, "device": "cpu"}
     sim = rollout_plan(recipe_236b(**{"cluster.simulated_gpus": "true", "learners.backend": "gloo"}))
     assert sim.simulated_gpus and sim.layout == "disaggregated" and sim.num_gpus == 8.0
-    assert sim.engine["dtype"] == "float32", "bf16 is ~30x slower on the CPU build (measured)"
+    assert sim.engine["dtype"] == "float32", "bf16 is ~30x slower on the CPU build (issue 11)"
     with pytest.raises(KexaoneError, match=r"rollout\.backend: vllm"):
         rollout_plan(load_recipe(ROOT / "recipes/tiny/agapo.yaml", ["rollout.tensor_parallel_size=2"]))
 

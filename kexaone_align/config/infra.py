@@ -85,8 +85,8 @@ class RolloutConfig(Section):
     )
     enforce_eager: bool | None = Field(
         None,
-        description="vLLM: skip torch.compile and CUDA graphs; null = eager on CPU (compiling added ~75 s "
-        "to start-up there), compiled on GPUs.",
+        description="vLLM: skip torch.compile and CUDA graphs; null = eager on CPU (issue 11: compiling "
+        "added ~75 s to start-up there), compiled on GPUs.",
     )
     cpu_kvcache_gib: float = Field(
         1.0, gt=0, description="vLLM's CPU build: GiB of KV cache per engine (VLLM_CPU_KVCACHE_SPACE)."

@@ -133,7 +133,7 @@ def _engine_settings(recipe: Any, *, on_cpu: bool) -> dict[str, Any]:
     if roll.backend == "hf":
         return {"dtype": dtype, "max_batch_size": roll.batch_size, "device": "cpu" if on_cpu else "cuda"}
     if on_cpu and dtype == "bfloat16":
-        dtype = "float32"  # measured: bf16 ran at 11-13 tokens/s on an AVX2 CPU, float32 ~400
+        dtype = "float32"  # issue 11 measured bf16 at 11-13 tokens/s on AVX2, float32 ~400
     return {
         "dtype": dtype,
         "tensor_parallel_size": roll.tensor_parallel_size,

@@ -24,7 +24,8 @@ How each requirement maps onto vLLM:
 * On the CPU build: MTP produced NaN and uniform log-probs and tokens outside the nucleus, and sleep
   mode is unsupported, so both are refused; the engine reads ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV
   cache, from ``rollout.cpu_kvcache_gib``) and ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (the default binding
-  pinned the engine to a busy core), and runs eager (torch.compile added ~75 s to start-up).
+  pinned the engine to a busy core), and runs eager (torch.compile added ~75 s to start-up;
+  these CPU-build figures are issue 11's measurements).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def check_engine_support(*, cpu: bool, enable_mtp: bool, enable_sleep_mode: bool
         return
     if enable_mtp:
         raise KexaoneError(
-            "rollout.mtp_speculative is not supported on vLLM's CPU build: measured there, MTP speculative "
+            "rollout.mtp_speculative is not supported on vLLM's CPU build: measured there (issue 11), MTP "
             "decoding returned NaN and uniform log-probs and tokens outside the nucleus. Set "
             "rollout.mtp_speculative: false on CPU machines"
         )
