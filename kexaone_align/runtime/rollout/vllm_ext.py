@@ -67,7 +67,6 @@ class WeightSyncWorkerExtension:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model_runner.model)
-        self._kexaone_updating = True
 
     def kexaone_load_bucket(self, metas: list[TensorMeta], payload: bytes) -> int:
         self._kexaone_load(unpack_bucket(metas, payload))
@@ -82,7 +81,6 @@ class WeightSyncWorkerExtension:
             kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
             if kernel is not None:
                 kernel.fused_experts.process_weights_after_loading(module)
-        self._kexaone_updating = False
 
     def _kexaone_load(self, bucket: Bucket) -> None:
         device = self.device
