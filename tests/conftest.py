@@ -23,6 +23,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_per_test():
+    """An in-process stage run sizes the driver's torch threads to the machine (stages.common); tests
+    that compare logits bitwise across processes need every process at one thread again."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_ray_session_leaks_into_the_next_module():
     """Stage runs leave their local Ray up (a pipeline reuses it); a module that then asks
