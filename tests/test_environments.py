@@ -10,11 +10,8 @@ import time
 
 import psutil
 import pytest
-
-from kexaone_align.data.prompts import parse_prompt_row
 from kexaone_align.environments import (
     DATA_DIR,
-    DataEnvironment,
     Environment,
     ToolError,
     ToolLimits,
@@ -27,6 +24,8 @@ from kexaone_align.environments import (
     run_tool_call,
     score_episode,
 )
+
+from kexaone_align.data.prompts import parse_prompt_row
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.rollout.base import RolloutRequest, RolloutSample, SamplingConfig
 from kexaone_align.runtime.rollout.episodes import episode_metadata, run_episodes
