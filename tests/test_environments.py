@@ -165,7 +165,7 @@ def test_python_tool_runs_in_the_sandbox_and_is_bounded():
 def test_orders_environment_state_and_pass_criteria():
     env = get_environment("orders")
     rows = {r["reference"]: parse_prompt_row(r, r["id"]) for r in rows_from_environment(env, "orders")}
-    assert len(rows) == 6 and all(r.metadata["environment"] == "orders" for r in rows.values())
+    assert len(rows) == 6 and all(r.environment == "orders" for r in rows.values())
     row = rows["refund-kettle"]
     state = env.reset(row)
     assert json.loads(env.call(state, "find_orders", {"customer": "kim"})).keys() == {"A100", "A101"}

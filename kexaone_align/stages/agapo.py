@@ -80,9 +80,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     train_rows, held_rows, long_prompts = rl.prompt_sets(recipe, tokenizer)
     router = TaskRouter(recipe.verifiers or None)
-    grade = functools.partial(grade_with_verifiers, router)
+    grade = functools.partial(rl.grade_mixed, functools.partial(grade_with_verifiers, router))
     roll = recipe.rollout
     sampling = SamplingConfig.from_recipe(roll, seed=recipe.seed)
+    tools = rl.tool_limits(recipe)  # bounds of the tool episodes (rows with an environment)
     max_staleness = roll.max_staleness
     pipelined = max_staleness >= 1
     loss_fn = functools.partial(rl.agapo_loss_fn, is_cap=cfg.is_cap)
@@ -108,7 +109,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 return rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=cfg.eval_samples_per_prompt,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
-                    enable_thinking=roll.enable_thinking,
+                    enable_thinking=roll.enable_thinking, tool_limits=tools,
                 )  # fmt: skip
 
             eval_before = state.get("eval_before") or evaluate("eval")
@@ -129,7 +130,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 # Request ids (hence sampling seeds) from the cursor position alone, not from when the
                 # batch is launched, so a resumed run samples exactly what the uninterrupted one did.
                 tag = f"e{cursor.epoch}-o{cursor.offset}"
-                reqs = rl.build_requests(tokenizer, rows, cfg.group_size, tag, roll.enable_thinking)
+                reqs = rl.build_requests(
+                    tokenizer, rows, cfg.group_size, tag, roll.enable_thinking, tool_limits=tools
+                )
                 return rows, pool.submit(reqs, sampling), resume_at
 
             clock = time.perf_counter()  # training-loop clock; periodic evaluations are subtracted
@@ -166,6 +169,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 rewards = rl.assign_rewards(groups, grade(rl.verifier_samples(tokenizer, groups)))
                 metrics.update(rl.per_task_means(groups, "reward"))
                 metrics.update(rl.response_stats([s for g in groups for s in g.samples]))
+                metrics.update(rl.episode_metrics(groups))
                 metrics.update(staleness=staleness, dropped_stale=float(dropped))
                 metrics["policy_version"] = float(version)
                 if groups:
