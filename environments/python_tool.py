@@ -143,7 +143,7 @@ class CalculatorEnvironment(Environment):
         schema = function_schema(
             "calculator",
             "Evaluate an arithmetic expression.",
-            {"expression": {"type": "string", "description": "e.g. 347 * 29"}},
+            {"expression": {"type": "string", "description": "the expression"}},
             ["expression"],
         )
         return [schema]
