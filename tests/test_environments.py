@@ -221,14 +221,20 @@ class ScriptedBackend:
 
 
 def play(
-    tokenizer, env: str, row: dict, scripts: dict[int, list[str]], limits: ToolLimits, max_new: int = 400
+    tokenizer,
+    env: str,
+    row: dict,
+    scripts: dict[int, list[str]],
+    limits: ToolLimits,
+    max_new: int = 400,
+    thinking: bool = True,
 ):
     row = parse_prompt_row({"task": "math", **row}, "row")
     from kexaone_align.data.chat_format import render_prompt
 
     tools = resolve_environment(env).tools(row)
-    prompt = render_prompt(tokenizer, row.messages, True, tools=tools)
-    meta = {"row": 0, "episode": episode_metadata(row, env, enable_thinking=True, limits=limits)}
+    prompt = render_prompt(tokenizer, row.messages, thinking, tools=tools)
+    meta = {"row": 0, "episode": episode_metadata(row, env, enable_thinking=thinking, limits=limits)}
     req = RolloutRequest("r0", prompt, len(scripts), meta)
     backend = ScriptedBackend(tokenizer, scripts)
     samples = run_episodes(backend, [req], SamplingConfig(max_new_tokens=max_new), tokenizer)
@@ -298,3 +304,28 @@ def test_token_budget_ends_the_episode(tokenizer):
     assert s.metadata["episode"]["outcome"] == "length" and s.metadata["episode"]["reward"] == 0.0
     assert len(s.token_ids) <= 80 and s.finish_reason == "length"
     assert os.getpid() and no_children_left()
+
+
+def test_sft_tool_traces_tokenize_like_episodes(tokenizer):
+    """The tiny tool task's SFT trace and the RL episode with the same turns are the same tokens, and the
+    SFT loss mask is the episode's policy mask, except that SFT also trains the empty think block that
+    the non-reasoning generation prompt writes (context in an episode)."""
+    from kexaone_align.data.chat_format import tokenize_conversation
+    from kexaone_align.data.tiny_tools import generate_tool_sft_rows
+
+    row = next(r for r in generate_tool_sft_rows(20, 0, tool_skip=0.0, copy_noise=0.0))
+    messages = row["messages"]
+    turns = [
+        "<tool_call>" + json.dumps(messages[1]["tool_calls"][0]) + "</tool_call>",
+        messages[3]["content"],
+    ]
+    prompt_row = {"messages": messages[:1], "reference": row["metadata"]["answer"]}
+    (sample,), _ = play(tokenizer, "calculator", prompt_row, {0: turns}, ToolLimits(), thinking=False)
+    assert sample.metadata["episode"]["reward"] == 1.0
+    ids, mask = tokenize_conversation(tokenizer, messages, False, tools=row["tools"])
+    n = len(sample.prompt_token_ids)
+    assert ids[:n] == sample.prompt_token_ids and ids[n:-1] == sample.token_ids
+    full_mask = [0] * n + sample.policy_mask
+    differ = [i for i, (a, b) in enumerate(zip(mask[:-1], full_mask, strict=True)) if a != b]
+    assert all(full_mask[i] == 0 and mask[i] == 1 for i in differ)
+    assert tokenizer.decode([ids[i] for i in differ]) == "<think>\n\n</think>\n\n" * 2
