@@ -190,3 +190,16 @@ def test_prompt_rows_carry_tools_and_environment():
         parse_prompt_row({**raw, "tools": "f"}, "r")
     with pytest.raises(KexaoneError, match="'environment' must be a non-empty string"):
         parse_prompt_row({**raw, "environment": 3}, "r")
+
+
+def test_a_request_budget_cuts_the_same_sample(tokenizer, model):
+    backend = HFRolloutBackend.from_model(model)
+    ids = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    sampling = SamplingConfig(max_new_tokens=20, seed=3)
+    (full,) = backend.generate([RolloutRequest("a", ids, 1)], sampling)
+    (cut,) = backend.generate([RolloutRequest("a", ids, 1, max_new_tokens=3)], sampling)
+    assert cut.token_ids == full.token_ids[:3] and cut.finish_reason == "length"
+    from kexaone_align.runtime.rollout.vllm import sampling_params_kwargs
+
+    assert sampling_params_kwargs(sampling, RolloutRequest("a", ids, 1, max_new_tokens=3))["max_tokens"] == 3
+    assert sampling_params_kwargs(sampling, RolloutRequest("a", ids, 1))["max_tokens"] == 20
