@@ -42,6 +42,10 @@ MAX_TOOL_THREADS = 8
 
 _TOKENIZERS: dict[str, Any] = {}
 _TOKENIZER_LOCK = threading.Lock()
+# A fast tokenizer's encode adjusts its Rust backend's padding/truncation state, which raises "Already
+# borrowed" when two threads do it at once: episodes of one turn run their tools in parallel but
+# tokenize one at a time.
+_TOKENIZE_LOCK = threading.Lock()
 
 
 def episode_metadata(
@@ -173,7 +177,8 @@ def _advance(ep: _Episode, out: RolloutSample, budget: int) -> None:
     if out.finish_reason != "stop":
         ep.outcome = "length"
         return
-    text = ep.tokenizer.decode(list(out.token_ids)[:-1], skip_special_tokens=False)
+    with _TOKENIZE_LOCK:
+        text = ep.tokenizer.decode(list(out.token_ids)[:-1], skip_special_tokens=False)
     if not parse_tool_calls(text):
         ep.outcome, ep.answer = "answer", final_answer(text)
         return
@@ -182,8 +187,9 @@ def _advance(ep: _Episode, out: RolloutSample, budget: int) -> None:
         return
     started = time.perf_counter()
     results = _run_calls(ep, text)
-    env_text = tool_turn_text(ep.tokenizer, results, ep.thinking)
-    env_ids = list(ep.tokenizer(env_text, add_special_tokens=False)["input_ids"])
+    with _TOKENIZE_LOCK:
+        env_text = tool_turn_text(ep.tokenizer, results, ep.thinking)
+        env_ids = list(ep.tokenizer(env_text, add_special_tokens=False)["input_ids"])
     ep.env_seconds += time.perf_counter() - started
     if len(ep.token_ids) + len(env_ids) >= budget:  # no room left for the policy to read and answer
         ep.outcome = "length"
