@@ -5,8 +5,9 @@ fraction of instructions followed (``mode="fraction"``, the default) or 1/0 for 
 (``mode="all"``). Both of IFEval's scores are computed and reported in ``details``: ``strict`` (the
 response as it is) and ``loose`` (an instruction also counts as followed when the response passes with
 markdown ``*`` removed and/or its first or last line dropped); the reward uses ``loose`` only when asked.
-An empty response follows no instruction. In reasoning mode only the text after the last ``</think>``
-is checked.
+An empty response follows no instruction. A response without a think block is checked exactly as
+written; with one, only the text after the last ``</think>`` is checked, stripped of surrounding
+whitespace.
 
 Readings (``reading``): ``"reference"`` (the default) agrees with Google's reference checkers, the
 ones IFEval scores are measured with (same tokenizers: NLTK Punkt sentences, ``\\w+`` words, NLTK word
@@ -385,11 +386,14 @@ class IFEvalVerifier:
             return VerifyResult(0.0, {"reason": stripped.reason, "followed": [False] * len(ids)})
         if not ids:
             return VerifyResult(1.0, {"reason": "no instructions", "followed": []})
+        # Without a think block the response is checked exactly as written, as the reference does
+        # (leading blank lines change paragraph and first/last-line verdicts); after one, the answer.
+        answer = sample.response if stripped.reasoning is None else stripped.answer
         pairs = list(zip(ids, kwargs, strict=True))
-        strict_ok = [check_instruction(i, stripped.answer, kw, False, reading) for i, kw in pairs]
+        strict_ok = [check_instruction(i, answer, kw, False, reading) for i, kw in pairs]
         # A check that passes strictly passes loosely (the response itself is a loose variant).
         relaxed = [
-            ok or check_instruction(i, stripped.answer, kw, True, reading)
+            ok or check_instruction(i, answer, kw, True, reading)
             for ok, (i, kw) in zip(strict_ok, pairs, strict=True)
         ]
         followed = relaxed if loose else strict_ok
