@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kexaone_align.verifiers import Sample, get_verifier
 from kexaone_align.verifiers.ifeval import CHECKS, IFEvalVerifier, check_instruction
-from kexaone_align.verifiers.ifeval_text import detect_language
+from kexaone_align.verifiers.ifeval_text import detect_language, sentences, word_tokens
 
 from kexaone_align.errors import KexaoneError
 
@@ -194,6 +194,8 @@ READING_CASES = [
         True,
         False,
     ),
+    # Keywords are regular expressions to the reference; literal text to us.
+    ("keywords:existence", {"keywords": ["e.g."]}, "ergo", True, False),
     # Bullets: any line starting with "-" counts, a "---" rule included; ours needs "- " + text.
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "---\n- one", True, False),
     ("detectable_content:number_placeholders", {"num_placeholders": 2}, "[] and [name]", True, False),
@@ -295,6 +297,21 @@ def test_empty_response_follows_nothing_and_raw_text_is_checked() -> None:
     # After a think block the answer is stripped.
     thinking = Sample(prompt="p", response="<think>x</think>\n\nhello a\n\nb", reference=ref)
     assert IFEvalVerifier().verify(thinking).reward == 1.0
+
+
+def test_punkt_model_gives_nltks_documented_splits() -> None:
+    # Outputs from NLTK's own documentation of sent_tokenize / word_tokenize with its English model.
+    text = "Good muffins cost $3.88\nin New York.  Please buy me\ntwo of them.\n\nThanks."
+    assert sentences(text) == [
+        "Good muffins cost $3.88\nin New York.",
+        "Please buy me\ntwo of them.",
+        "Thanks.",
+    ]
+    assert word_tokens("I called Dr. Jones. I called Dr. Jones.") == (
+        ["I", "called", "Dr.", "Jones", "."] * 2
+    )
+    german = "Ich muss unbedingt daran denken, Mehl, usw. fur einen Kuchen einzukaufen. Ich muss."
+    assert word_tokens(german)[8:11] == ["usw", ".", "fur"]
 
 
 def test_language_detection_is_seeded_without_global_state() -> None:

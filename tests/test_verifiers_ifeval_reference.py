@@ -266,6 +266,7 @@ def _other_instructions(rng: random.Random) -> list[tuple[str, dict[str, Any], s
                 [f"{s}\n\nThen go.", f'{s}\n\n"Then, go.', f"{s}\n \nthen go", f"{s}\n\n\n\nthen.x"]
             ),
         ),
+        ("keywords:existence", {"keywords": ["e.g."]}, rng.choice(["ergo", "e.g. this", "E.G."])),
         (
             "keywords:existence",
             {"keywords": ["river", "rain"]},

@@ -14,10 +14,11 @@ ones IFEval scores are measured with (same tokenizers: NLTK Punkt sentences, ``\
 tokens, langdetect). ``"kexaone"`` keeps our stricter readings where we think the reference is wrong:
 contractions and hyphenated words count as one word, every non-empty line ends a sentence, capital
 words are whole words ("DON'T" is one, not two), keyword frequency counts whole words (the reference
-counts "cat" in "category"), a bullet needs a marker followed by a space (the reference counts a
-``---`` rule or "-5 degrees"), a placeholder needs text inside the brackets, a full-width comma is a
-comma, and an undetectable language fails (the reference passes it). The row's reference may carry
-``"mode"``, ``"loose"`` and ``"reading"`` to override the verifier's settings for that row.
+counts "cat" in "category"), keywords, section splitters and postscript markers are literal text (the
+reference reads them as regular expressions), a bullet needs a marker followed by a space (the
+reference counts a ``---`` rule or "-5 degrees"), a placeholder needs text inside the brackets, a
+full-width comma is a comma, and an undetectable language fails (the reference passes it). The row's
+reference may carry ``"mode"``, ``"loose"`` and ``"reading"`` to override the verifier's settings.
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ def _compare(value: int, relation: str | None, target: Any) -> bool:
     raise KexaoneError(f"unknown relation {relation!r} (use 'less than', 'at least', 'at most', 'exactly')")
 
 
+def _pattern(phrase: str, own: bool) -> str:
+    """The reference reads keywords, section splitters and postscript markers as regular expressions
+    ("e.g." also matches "ergo"); ours reads them as literal text. One that is no valid regex is literal."""
+    if own:
+        return re.escape(phrase)
+    try:
+        re.compile(phrase)
+    except re.error:
+        return re.escape(phrase)
+    return phrase
+
+
 @instruction("length_constraints:number_words")
 def number_words(response: str, own: bool, num_words: int, relation: str = "at least") -> bool:
     words = text.own_words(response) if own else text.reference_words(response)
@@ -106,12 +119,14 @@ def nth_paragraph_first_word(
 
 @instruction("keywords:existence")
 def keyword_existence(response: str, own: bool, keywords: list[str]) -> bool:
-    return all(re.search(re.escape(k), response, re.IGNORECASE) for k in keywords)
+    return all(re.search(_pattern(k, own), response, re.IGNORECASE) for k in keywords)
 
 
 @instruction("keywords:forbidden_words")
 def forbidden_words(response: str, own: bool, forbidden_words: list[str]) -> bool:
-    return not any(re.search(r"\b" + re.escape(w) + r"\b", response, re.IGNORECASE) for w in forbidden_words)
+    return not any(
+        re.search(r"\b" + _pattern(w, own) + r"\b", response, re.IGNORECASE) for w in forbidden_words
+    )
 
 
 @instruction("keywords:frequency")
@@ -119,7 +134,7 @@ def keyword_frequency(
     response: str, own: bool, keyword: str, frequency: int, relation: str = "at least"
 ) -> bool:
     """Occurrences of ``keyword``, case-insensitive: as a substring (reference) or a whole word (kexaone)."""
-    pattern = re.escape(keyword.strip())
+    pattern = _pattern(keyword.strip(), own)
     if own:
         pattern = r"(?<!\w)" + pattern + r"(?!\w)"
     return _compare(len(re.findall(pattern, response, re.IGNORECASE)), relation, frequency)
@@ -185,7 +200,7 @@ def number_highlighted_sections(response: str, own: bool, num_highlights: int) -
 @instruction("detectable_format:multiple_sections")
 def multiple_sections(response: str, own: bool, section_spliter: str, num_sections: int) -> bool:
     """At least ``num_sections`` sections, each starting with e.g. ``SECTION 1``."""
-    pattern = r"\s?" + re.escape(section_spliter.strip()) + r"\s?\d+\s?"
+    pattern = r"\s?" + _pattern(section_spliter.strip(), own) + r"\s?\d+\s?"
     return len(re.split(pattern, response)) - 1 >= int(num_sections)
 
 
@@ -254,7 +269,7 @@ def postscript(response: str, own: bool, postscript_marker: str = "P.S.") -> boo
     elif marker == "P.P.S":
         pattern = r"\s*p\.\s?p\.\s?s.*$"
     else:
-        pattern = r"\s*" + re.escape(marker.lower()) + r".*$"
+        pattern = r"\s*" + _pattern(marker.lower(), own) + r".*$"
     return re.search(pattern, response.lower(), re.MULTILINE) is not None
 
 
