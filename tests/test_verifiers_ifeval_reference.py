@@ -87,7 +87,12 @@ def _sentences_text(rng: random.Random) -> str:
 
 
 def _words_text(rng: random.Random) -> str:
-    pool = _WORDS + rng.sample(_CONTRACTED, 3) + rng.sample(_HYPHENATED, 3) + ["3.14", "U.S.", "email@x.org"]
+    pool = (
+        _WORDS
+        + rng.sample(_CONTRACTED, 3)
+        + rng.sample(_HYPHENATED, 3)
+        + ["3.14", "U.S.", "email@x.org", "cafe\u0301", "x²", "Ⓐ"]
+    )
     return " ".join(rng.choice(pool) for _ in range(rng.randint(5, 14))) + rng.choice([".", "", "!"])
 
 

@@ -28,7 +28,6 @@ LANGDETECT_SEED = 0
 # One word in our own reading: letters/digits joined by an apostrophe, hyphen or period inside the
 # word ("don't", "well-known", "U.S" from "U.S."), where the reference's ``\w+`` sees two or more.
 _OWN_WORD = re.compile(r"\w+(?:['’.-]\w+)*")
-_REF_WORD = re.compile(r"\w+")
 _LANG_LOCK = threading.Lock()
 
 
@@ -78,9 +77,20 @@ def own_sentences(text: str) -> list[str]:
     return [s for line in text.splitlines() if line.strip() for s in sentences(line)]
 
 
+@functools.cache
+def _reference_word_tokenizer() -> Any:
+    from nltk.tokenize import RegexpTokenizer
+
+    return RegexpTokenizer(r"\w+")
+
+
 def reference_words(text: str) -> list[str]:
-    """Runs of word characters: "don't" is two words, "well-known" two (the reference's count)."""
-    return _REF_WORD.findall(text)
+    """Runs of word characters: "don't" is two words, "well-known" two (the reference's count).
+
+    Through NLTK's ``RegexpTokenizer`` as the reference does: recent NLTK matches with the ``regex``
+    engine, whose ``\\w`` differs from ``re``'s on combining accents and superscripts.
+    """
+    return list(_reference_word_tokenizer().tokenize(text))
 
 
 def own_words(text: str) -> list[str]:
