@@ -347,3 +347,136 @@ def test_agrees_with_reference_checkers(reference: Any) -> None:
     )
     assert strict_rate >= REQUIRED_AGREEMENT and loose_rate >= REQUIRED_AGREEMENT, report
     assert not strict_bad and not loose_bad, report
+
+
+_FRAGMENTS = [
+    "Hello",
+    "world",
+    "DON'T",
+    "it's",
+    "U.S.",
+    "Dr.",
+    "Smith",
+    "e.g.",
+    "well-known",
+    "***",
+    "******",
+    "*",
+    "**bold**",
+    "*it*",
+    "- item",
+    "* item",
+    "\n",
+    "\n\n",
+    " ",
+    ",",
+    ".",
+    "!",
+    "?",
+    '"',
+    "“",
+    "”",
+    "[name]",
+    "[]",
+    "<<Title>>",
+    "P.S.",
+    "p.p.s",
+    "Section 1",
+    "SECTION 2",
+    "My answer is yes.",
+    '{"a": 1}',
+    "```json",
+    "```",
+    "cat",
+    "category",
+    "오늘은 날씨가",
+    "el perro corre",
+    "le chat dort",
+    "ÉCOLE",
+    "ß",
+    "İstanbul",
+    "42",
+    "3.14",
+    "...",
+    "Mr.",
+    "J.",
+    "R.",
+    "Any other questions?",
+    "then",
+    "Then,",
+    "'quoted'",
+    "\t",
+    "–",
+    "naïve",
+    "ﬁ",
+    "ǅ",
+    "Ⅻ",
+    "x²",
+    "ⓐ",
+    "cafe\u0301",
+]
+
+
+def _random_kwargs(iid: str, rng: random.Random) -> dict[str, Any]:
+    rel = {"relation": rng.choice(["less than", "at least"])}
+    table: dict[str, dict[str, Any]] = {
+        "length_constraints:number_words": {"num_words": rng.randint(1, 12), **rel},
+        "length_constraints:number_sentences": {"num_sentences": rng.randint(1, 6), **rel},
+        "length_constraints:number_paragraphs": {"num_paragraphs": rng.randint(1, 4)},
+        "length_constraints:nth_paragraph_first_word": {
+            "num_paragraphs": rng.randint(1, 3),
+            "nth_paragraph": 1,
+            "first_word": rng.choice(["hello", "then"]),
+        },
+        "keywords:existence": {"keywords": rng.sample(["cat", "hello", "world", "name"], 2)},
+        "keywords:forbidden_words": {"forbidden_words": rng.sample(["cat", "hello", "world", "smith"], 2)},
+        "keywords:frequency": {
+            "keyword": rng.choice(["cat", "hello", "it"]),
+            "frequency": rng.randint(1, 3),
+            **rel,
+        },
+        "keywords:letter_frequency": {
+            "letter": rng.choice("aeolt"),
+            "let_frequency": rng.randint(1, 6),
+            "let_relation": rel["relation"],
+        },
+        "language:response_language": {"language": rng.choice(["en", "ko", "es", "fr", "de"])},
+        "detectable_content:number_placeholders": {"num_placeholders": rng.randint(1, 2)},
+        "detectable_content:postscript": {"postscript_marker": rng.choice(["P.S.", "P.P.S"])},
+        "detectable_format:number_bullet_lists": {"num_bullets": rng.randint(1, 3)},
+        "detectable_format:number_highlighted_sections": {"num_highlights": rng.randint(1, 3)},
+        "detectable_format:multiple_sections": {
+            "section_spliter": rng.choice(["Section", "SECTION"]),
+            "num_sections": rng.randint(1, 2),
+        },
+        "combination:repeat_prompt": {"prompt_to_repeat": rng.choice(["Hello world", "hello"])},
+        "startend:end_checker": {"end_phrase": rng.choice(["Any other questions?", "cat", "world"])},
+        "change_case:capital_word_frequency": {
+            "capital_frequency": rng.randint(1, 4),
+            "capital_relation": rel["relation"],
+        },
+    }
+    return table.get(iid, {})
+
+
+def test_agrees_on_random_fragments(reference: Any) -> None:
+    """Responses glued from risky fragments (markup, quotes, abbreviations, scripts, odd Unicode)."""
+    rng = random.Random(SEED + 1)
+    ids = sorted(reference.instructions_registry.INSTRUCTION_DICT)
+    bad = []
+    n = 400
+    for _ in range(n):
+        iid = rng.choice(ids)
+        kwargs = _random_kwargs(iid, rng)
+        response = "".join(
+            rng.choice(_FRAGMENTS) + rng.choice(["", " ", " ", "\n"]) for _ in range(rng.randint(0, 12))
+        )
+        response = rng.choice([response, response, response.lower(), response.upper()])
+        (ref_strict,), (ref_loose,) = reference_verdicts(reference, [iid], [kwargs], response)
+        if _ours(iid, kwargs, response) != (ref_strict, ref_loose):
+            bad.append(
+                f"{iid} {kwargs} {response!r}: ours {_ours(iid, kwargs, response)}, "
+                f"reference {(ref_strict, ref_loose)}"
+            )
+    print(f"ifeval agreement with the reference on {n} random-fragment checks: {1 - len(bad) / n:.1%}")
+    assert not bad, "\n".join(bad)
