@@ -65,16 +65,16 @@ def _compare(value: int, relation: str | None, target: Any) -> bool:
     raise KexaoneError(f"unknown relation {relation!r} (use 'less than', 'at least', 'at most', 'exactly')")
 
 
-def _pattern(phrase: str, own: bool) -> str:
-    """The reference reads keywords, section splitters and postscript markers as regular expressions
-    ("e.g." also matches "ergo"); ours reads them as literal text. One that is no valid regex is literal."""
-    if own:
-        return re.escape(phrase)
-    try:
-        re.compile(phrase)
-    except re.error:
-        return re.escape(phrase)
-    return phrase
+def _pattern(phrase: str, own: bool, around: str = "{}") -> str:
+    """``around`` with ``phrase`` put in: the reference reads keywords, section splitters and postscript
+    markers as regular expressions ("e.g." also matches "ergo"); ours reads them as literal text. A
+    phrase that makes no valid regex is literal in both."""
+    if not own:
+        try:
+            return re.compile(around.format(phrase)).pattern
+        except re.error:
+            pass
+    return around.format(re.escape(phrase))
 
 
 @instruction("length_constraints:number_words")
@@ -124,9 +124,7 @@ def keyword_existence(response: str, own: bool, keywords: list[str]) -> bool:
 
 @instruction("keywords:forbidden_words")
 def forbidden_words(response: str, own: bool, forbidden_words: list[str]) -> bool:
-    return not any(
-        re.search(r"\b" + _pattern(w, own) + r"\b", response, re.IGNORECASE) for w in forbidden_words
-    )
+    return not any(re.search(_pattern(w, own, r"\b{}\b"), response, re.IGNORECASE) for w in forbidden_words)
 
 
 @instruction("keywords:frequency")
@@ -200,7 +198,7 @@ def number_highlighted_sections(response: str, own: bool, num_highlights: int) -
 @instruction("detectable_format:multiple_sections")
 def multiple_sections(response: str, own: bool, section_spliter: str, num_sections: int) -> bool:
     """At least ``num_sections`` sections, each starting with e.g. ``SECTION 1``."""
-    pattern = r"\s?" + _pattern(section_spliter.strip(), own) + r"\s?\d+\s?"
+    pattern = _pattern(section_spliter.strip(), own, r"\s?{}\s?\d+\s?")
     return len(re.split(pattern, response)) - 1 >= int(num_sections)
 
 
@@ -269,7 +267,7 @@ def postscript(response: str, own: bool, postscript_marker: str = "P.S.") -> boo
     elif marker == "P.P.S":
         pattern = r"\s*p\.\s?p\.\s?s.*$"
     else:
-        pattern = r"\s*" + _pattern(marker.lower(), own) + r".*$"
+        pattern = _pattern(marker.lower(), own, r"\s*{}.*$")
     return re.search(pattern, response.lower(), re.MULTILINE) is not None
 
 
