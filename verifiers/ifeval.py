@@ -387,6 +387,9 @@ class IFEvalVerifier:
         self.mode = mode
         self.loose = loose
         self.reading = reading
+        # Tokenizer and language-profile loading (seconds on a busy machine) happens here, not inside
+        # the first graded response's time limit.
+        text.warm_up()
 
     def verify(self, sample: Sample) -> VerifyResult:
         ids, kwargs, overrides = _parse_reference(sample.reference)

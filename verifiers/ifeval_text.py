@@ -132,3 +132,11 @@ def detect_language(text: str) -> str | None:
         return str(detector.detect())
     except LangDetectException:
         return None
+
+
+def warm_up() -> None:
+    """Load the Punkt model, NLTK's tokenizers and langdetect's profiles now (once per process), so the
+    first graded response does not spend its time limit on it."""
+    word_tokens("Warm up. Done.")
+    reference_words("warm up")
+    detect_language("warm up the language profiles")
