@@ -52,11 +52,15 @@ def grouper_loss_fn(logprobs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor,
 
 # ------------------------------------------------------------------------------------------ prompts
 def load_prompt_rows(recipe: Any) -> tuple[list[PromptRow], list[PromptRow]]:
-    """(train, held-out) prompt rows of an RL stage: the offline generator, or ``train_files``/``eval_files``.
+    """(train, held-out) prompt rows of an RL stage: the offline generator, or ``train_files``/``eval_files``
+    (mapped by ``data.columns``).
 
-    Without ``eval_files``, the last ``data.eval_fraction`` of the (file-ordered) training rows is held out.
+    Without ``eval_files`` or ``eval_split``, the last ``data.eval_fraction`` of the (file-ordered) training
+    rows is held out.
     """
+    from kexaone_align.data.columns import ColumnMap
     from kexaone_align.data.prompts import load_prompt_set
+    from kexaone_align.data.sources import recipe_sources
 
     data = recipe.data
     if data is None:
@@ -74,9 +78,11 @@ def load_prompt_rows(recipe: Any) -> tuple[list[PromptRow], list[PromptRow]]:
         return load_prompt_set(train), load_prompt_set(held)
     if not data.train_files:
         raise KexaoneError(f"data: give train_files or a generator for stage {recipe.stage!r}")
-    train_rows = load_prompt_set(list(data.train_files))
-    if data.eval_files:
-        return train_rows, load_prompt_set(list(data.eval_files))
+    src = recipe_sources(data)
+    columns = ColumnMap.from_section(data.columns)
+    train_rows = load_prompt_set(src.train, columns=columns, options=src.train_options)
+    if src.held is not None:
+        return train_rows, load_prompt_set(src.held, columns=columns, options=src.held_options)
     n_held = max(1, int(len(train_rows) * data.eval_fraction))
     if n_held >= len(train_rows):
         raise KexaoneError(f"data: {len(train_rows)} prompt rows are too few to hold {n_held} out")
