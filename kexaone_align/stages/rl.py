@@ -8,9 +8,10 @@ functions below are module-level so Ray can pickle them to the learner actors.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,12 +267,14 @@ def evaluate(
     seed: int,
     tag: str,
     enable_thinking: bool | None = None,
+    on_samples: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
     """Held-out score by sampling (T=1.0, top-p 0.95): mean reward overall (``accuracy``) and per task.
 
     ``grade(samples) -> list[float]`` scores verifier samples (rule verifiers or the reward combiner).
     Calling it with the same ``tag`` and ``seed`` before and after training draws the same random
     numbers for each (prompt, sample), which takes sampling noise out of the before/after difference.
+    ``on_samples`` receives ``sample_rows`` of the graded responses (for the W&B sample table).
     """
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, seed=seed
@@ -280,12 +283,33 @@ def evaluate(
     groups = group_samples(rows, pool.generate(requests, sampling))
     rewards = grade(verifier_samples(tokenizer, groups))
     assign_rewards(groups, rewards)
+    if on_samples is not None:
+        on_samples(sample_rows(groups))
     flat = [r for g in groups for r in g.rewards]
     out = {"accuracy": sum(flat) / len(flat) if flat else 0.0, "num_samples": float(len(flat))}
     out.update({k.split("/", 1)[1]: v for k, v in per_task_means(groups, "task").items()})
     lengths = response_stats([s for g in groups for s in g.samples])
     out["response_length"] = lengths.get("response_length", 0.0)
     return out
+
+
+def _prompt_text(messages: Sequence[dict[str, Any]]) -> str:
+    if len(messages) == 1:
+        return str(messages[0].get("content"))
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+
+
+def sample_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """One row per graded response: prompt id, task, prompt text, response, reward, reference."""
+    rows = []
+    for g in groups:
+        ref = g.row.reference
+        reference = ref if isinstance(ref, str) else json.dumps(ref, default=str)
+        prompt = _prompt_text(g.row.messages)
+        for text, reward in zip(g.texts, g.rewards, strict=True):
+            rows.append({"prompt_id": g.row.id, "task": g.row.task, "prompt": prompt, "response": text,
+                         "reward": float(reward), "reference": reference})  # fmt: skip
+    return rows
 
 
 def rollout_pool_for(recipe: Any, model_path: Any, learners: Any = None) -> RolloutPool:
