@@ -294,3 +294,62 @@ def test_recipe_mistakes_are_named(tmp_path, overrides, message):
     with pytest.raises(KexaoneError, match=message):
         recipe = _agapo(tmp_path, "data.train_files=[x.jsonl]", *overrides)
         load_prompt_rows(recipe)
+
+
+def test_recipe_reads_a_math_shaped_dataset(tmp_path):
+    from kexaone_align.stages.rl import load_prompt_rows
+
+    saved = tmp_path / "math"
+    full = datasets.Dataset.from_dict(MATH)
+    datasets.DatasetDict({"train": full.select([0, 1]), "test": full.select([2])}).save_to_disk(str(saved))
+    template = "data.columns.prompt_template='{prompt} Box the answer.'"  # quoted: YAML reads {..} as a map
+    columns = ["data.columns.preset=math", "data.eval_split=test", template]
+    recipe = _agapo(tmp_path, f"data.train_files=[{saved}]", *columns)
+    train, held = load_prompt_rows(recipe)
+    assert [r.reference for r in train] == ["\\frac{1}{2}", "2"] and held[0].reference == "\\{1, 2\\}"
+    assert train[1].messages[0]["content"] == MATH["problem"][1] + " Box the answer."
+    assert train[0].metadata == {"level": "Level 1"}  # unmapped columns reach the verifier's metadata
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_agapo_run_on_a_saved_gsm8k_dataset_by_recipe_alone(tmp_path, monkeypatch):
+    """The recipe names a save_to_disk GSM8K-shaped DatasetDict, its preset and splits; the run trains
+    on the train split, evaluates on the test split, and (with logging.wandb, offline) logs the
+    evaluation samples with the extracted references."""
+    pytest.importorskip("wandb")
+    import sys
+
+    from kexaone_align.stages import agapo
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_observe_wandb import finished_records, history_rows, offline_run
+
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+                     ("WANDB_DATA_DIR", "data")):  # fmt: skip
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    saved = tmp_path / "gsm8k"
+    full = datasets.Dataset.from_dict(GSM8K)
+    datasets.DatasetDict({"train": full.select([0, 1]), "test": full.select([2])}).save_to_disk(str(saved))
+    recipe = _agapo(
+        tmp_path, f"data.train_files=[{saved}]", "data.columns.preset=gsm8k", "data.eval_split=test",
+        "agapo.steps=2", "agapo.prompts_per_step=2", "agapo.group_size=2", "rollout.max_new_tokens=6",
+        "logging.progress_bar=false", "logging.plots=false", "checkpoint.export=false",
+        "logging.wandb={project: kx-test}",
+    )  # fmt: skip
+    summary = agapo.run(recipe)
+    assert summary["steps"] == 2 and summary["eval_after"]["num_samples"] == 1.0
+    rollouts = [json.loads(x) for x in (tmp_path / "run/rollouts.jsonl").read_text().splitlines()]
+    assert {r["prompt_id"] for r in rollouts} == {"gsm8k row 0", "gsm8k row 1"} and len(rollouts) == 8
+    assert {r["task"] for r in rollouts} == {"math"}
+    records = finished_records(offline_run(tmp_path / "run"))
+    tables = [
+        (row["_step"], row[k]) for row in history_rows(records) for k in row if k.endswith("_samples.path")
+    ]
+    assert [step for step, _ in tables] == [0, 2]
+    for _, path in tables:
+        table = json.loads((offline_run(tmp_path / "run") / "files" / path).read_text())
+        (sample,) = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+        assert sample["reference"] == "-2" and sample["prompt"] == GSM8K["question"][2]
+        assert sample["reward"] in (0.0, 1.0)
