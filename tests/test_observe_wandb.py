@@ -180,3 +180,13 @@ def test_wandb_section_is_validated(tmp_path):
     with pytest.raises(KexaoneError, match=r"logging.wandb.table_rows"):
         _recipe(tmp_path, "logging.wandb={table_rows: -1}")
     assert _recipe(tmp_path).logging.wandb is None  # off unless asked for
+
+
+def test_run_recipe_checks_for_wandb_before_starting(tmp_path, monkeypatch):
+    from kexaone_align.stages import run_recipe
+
+    recipe = _recipe(tmp_path, "logging.wandb={project: x}")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(KexaoneError, match="'wandb' package is not installed"):
+        run_recipe(recipe)
+    assert not (tmp_path / "run").exists()  # nothing started

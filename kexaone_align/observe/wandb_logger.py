@@ -19,7 +19,8 @@ from kexaone_align.errors import KexaoneError
 INSTALL_HINT = "pip install 'kexaone-align[wandb]' (or pip install wandb)"
 
 
-def _import_wandb() -> Any:
+def import_wandb() -> Any:
+    """The ``wandb`` module, or a ``KexaoneError`` saying how to install it."""
     try:
         import wandb
     except ImportError:
@@ -36,7 +37,7 @@ class WandbSink:
     def __init__(
         self, section: Any, *, run_dir: str | Path, default_name: str, config: Mapping[str, Any]
     ) -> None:
-        wandb = _import_wandb()
+        wandb = import_wandb()
         self._wandb = wandb
         self.table_rows = int(section.table_rows)
         directory = Path(section.dir or run_dir).expanduser()
