@@ -191,6 +191,32 @@ def test_errors_name_the_column_the_key_and_the_source(tmp_path):
         load_prompt_set(bad_parquet)
 
 
+def test_a_folder_laid_out_like_a_hub_snapshot_reads_its_configs_and_splits(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "snapshot"
+    (root / "main").mkdir(parents=True)
+    (root / "socratic").mkdir()
+    full = datasets.Dataset.from_dict(GSM8K)
+    full.select([0, 1]).to_parquet(str(root / "main/train-00000-of-00001.parquet"))
+    full.select([2]).to_parquet(str(root / "main/test-00000-of-00001.parquet"))
+    full.select([1]).to_parquet(str(root / "socratic/train-00000-of-00001.parquet"))
+    configs = "".join(
+        f"- config_name: {name}\n  data_files:\n"
+        + "".join(f"  - split: {split}\n    path: {name}/{split}-*\n" for split in splits)
+        for name, splits in (("main", ("train", "test")), ("socratic", ("train",)))
+    )
+    (root / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    cm = ColumnMap.with_preset("gsm8k")
+
+    def refs(**opts):
+        return [r.reference for r in load_prompt_set(root, columns=cm, options=SourceOptions(**opts))]
+
+    assert refs(config_name="main") == ["72", "2200"] and refs(config_name="main", split="test") == ["-2"]
+    assert refs(config_name="socratic") == ["2200"]
+    with pytest.raises(KexaoneError, match=r"snapshot: cannot be read as a dataset folder.*'nope' not found"):
+        refs(config_name="nope")
+
+
 # --------------------------------------------------------------------------- dataset names
 def _cache_like_an_online_load(cache: Path, tmp: Path) -> None:
     """Write into ``cache`` what ``load_dataset('openai/gsm8k', 'main')`` leaves there after an online
