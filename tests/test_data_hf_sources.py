@@ -360,20 +360,20 @@ def test_tiny_agapo_run_on_a_saved_gsm8k_dataset_by_recipe_alone(tmp_path, monke
     datasets.DatasetDict({"train": full.select([0, 1]), "test": full.select([2])}).save_to_disk(str(saved))
     recipe = _agapo(
         tmp_path, f"data.train_files=[{saved}]", "data.columns.preset=gsm8k", "data.eval_split=test",
-        "agapo.steps=2", "agapo.prompts_per_step=2", "agapo.group_size=2", "rollout.max_new_tokens=6",
+        "agapo.steps=1", "agapo.prompts_per_step=2", "agapo.group_size=2", "rollout.max_new_tokens=6",
         "logging.progress_bar=false", "logging.plots=false", "checkpoint.export=false",
         "logging.wandb={project: kx-test}",
     )  # fmt: skip
     summary = agapo.run(recipe)
-    assert summary["steps"] == 2 and summary["eval_after"]["num_samples"] == 1.0
+    assert summary["steps"] == 1 and summary["eval_after"]["num_samples"] == 1.0
     rollouts = [json.loads(x) for x in (tmp_path / "run/rollouts.jsonl").read_text().splitlines()]
-    assert {r["prompt_id"] for r in rollouts} == {"gsm8k row 0", "gsm8k row 1"} and len(rollouts) == 8
+    assert {r["prompt_id"] for r in rollouts} == {"gsm8k row 0", "gsm8k row 1"} and len(rollouts) == 4
     assert {r["task"] for r in rollouts} == {"math"}
     records = finished_records(offline_run(tmp_path / "run"))
     tables = [
         (row["_step"], row[k]) for row in history_rows(records) for k in row if k.endswith("_samples.path")
     ]
-    assert [step for step, _ in tables] == [0, 2]
+    assert [step for step, _ in tables] == [0, 1]  # eval_before, eval_after
     for _, path in tables:
         table = json.loads((offline_run(tmp_path / "run") / "files" / path).read_text())
         (sample,) = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
