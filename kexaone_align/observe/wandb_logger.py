@@ -51,7 +51,7 @@ class WandbSink:
                 tags=list(section.tags),
                 dir=str(directory),
                 config=dict(config),
-                reinit="finish_previous",
+                reinit="create_new",  # never finishes a run the calling program has open
                 settings=wandb.Settings(console="off"),
             )
         except Exception as exc:  # wandb raises its own types (UsageError, CommError) for bad settings
