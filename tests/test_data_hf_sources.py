@@ -185,6 +185,14 @@ def test_errors_name_the_column_the_key_and_the_source(tmp_path):
     (broken / "dataset_info.json").write_text("{not json")
     with pytest.raises(KexaoneError, match="is not a readable save_to_disk dataset"):
         load_prompt_set(broken)
+    with pytest.raises(
+        KexaoneError, match=r"missing field 'messages'.*look gsm8k-shaped: set data.columns.preset"
+    ):
+        load_prompt_set(saved)  # no mapping given
+    math = tmp_path / "math.jsonl"
+    datasets.Dataset.from_dict(MATH).to_json(str(math))
+    with pytest.raises(KexaoneError, match=r"math.jsonl line 1: missing field 'messages'.*preset: math"):
+        load_chat_dataset(math)
     bad_parquet = tmp_path / "bad.parquet"
     bad_parquet.write_text("not parquet")
     with pytest.raises(KexaoneError, match=r"bad.parquet: cannot be read as parquet"):

@@ -91,6 +91,17 @@ class ColumnMap:
         return all(getattr(self, f.name) == getattr(defaults, f.name) for f in fields(self))
 
 
+def suggest_preset(raw: Any) -> str:
+    """A hint naming the preset whose columns a native-format row that failed to parse has, else ''."""
+    if not isinstance(raw, Mapping) or "messages" in raw or "prompt" in raw:
+        return ""
+    for preset, cols in PRESETS.items():
+        wanted = {c for k, c in cols.items() if k in ("prompt", "messages", "reference")}
+        if wanted <= set(raw):
+            return f" (its columns look {preset}-shaped: set data.columns.preset: {preset})"
+    return ""
+
+
 def _column(raw: Mapping[str, Any], name: str, key: str, where: str) -> Any:
     if name not in raw:
         shown = ", ".join(repr(k) for k in list(raw)[:20])

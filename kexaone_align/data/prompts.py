@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kexaone_align.data.columns import ColumnMap, map_prompt_row
+from kexaone_align.data.columns import ColumnMap, map_prompt_row, suggest_preset
 from kexaone_align.data.sources import SourceOptions, read_rows
 from kexaone_align.errors import KexaoneError
 
@@ -124,7 +124,11 @@ def load_prompt_set(
     rows: list[PromptRow] = []
     seen: dict[str, str] = {}
     for where, raw in read_rows(path_or_rows, "prompt set", options):
-        row = parse_prompt_row(map_prompt_row(raw, cm, where), where)
+        try:
+            row = parse_prompt_row(map_prompt_row(raw, cm, where), where)
+        except KexaoneError as exc:
+            hint = suggest_preset(raw) if cm.native else ""
+            raise KexaoneError(f"{exc}{hint}") from None
         if row.id in seen:
             raise _bad(where, f"duplicate id {row.id!r} (first used at {seen[row.id]})")
         seen[row.id] = where

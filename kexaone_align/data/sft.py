@@ -16,7 +16,7 @@ from typing import Any
 
 import datasets
 
-from kexaone_align.data.columns import ColumnMap, map_chat_row
+from kexaone_align.data.columns import ColumnMap, map_chat_row, suggest_preset
 from kexaone_align.data.prompts import check_messages
 from kexaone_align.data.sources import SourceOptions, read_rows
 from kexaone_align.errors import KexaoneError
@@ -61,7 +61,13 @@ def _clean_message(message: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _from_rows(rows: Iterable[tuple[str, Any]], cm: ColumnMap) -> datasets.Dataset:
-    checked = [normalize_chat_row(map_chat_row(row, cm, where), where) for where, row in rows]
+    checked = []
+    for where, row in rows:
+        try:
+            checked.append(normalize_chat_row(map_chat_row(row, cm, where), where))
+        except KexaoneError as exc:
+            hint = suggest_preset(row) if cm.native else ""
+            raise KexaoneError(f"{exc}{hint}") from None
     if not checked:
         raise KexaoneError("chat dataset is empty")
     try:
