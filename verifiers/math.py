@@ -4,7 +4,9 @@ Rules: in reasoning mode only text after the last ``</think>`` is graded and an 
 scores 0; the final answer comes from ``\\boxed{}``, else "the answer is ..." phrases, else the last
 line; a response stating several different final answers scores 0 (every stated answer must match).
 Parsing and comparison run in ``math_pool`` worker processes, so a hung sympy call costs at most
-``timeout_s`` and is safe from threads.
+``timeout_s`` seconds of the worker's CPU time (a wall-clock backstop of 10x that catches a stalled
+worker) and is safe from threads. Workers warm math-verify up before taking requests, so the limit
+counts the comparison itself, never a fresh worker's lazy imports and caches.
 """
 
 from __future__ import annotations
