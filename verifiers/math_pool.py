@@ -190,7 +190,7 @@ class MathWorkerPool:
             self._cond.notify()
 
     def call(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Run one request; raise ``WorkerTimeout`` past ``timeout_s`` CPU seconds of work (see module doc)."""
+        """Run one request; raise ``WorkerTimeout`` past ``timeout_s`` CPU seconds of work (module doc)."""
         worker = self._acquire()
         healthy = False
         try:
