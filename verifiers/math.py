@@ -17,7 +17,13 @@ from typing import Any
 
 from kexaone_align.verifiers.answer import final_answers, strip_reasoning, unique
 from kexaone_align.verifiers.api import Sample, VerifyResult, register_verifier
-from kexaone_align.verifiers.math_pool import MathWorkerPool, WorkerError, WorkerTimeout, default_pool
+from kexaone_align.verifiers.math_pool import (
+    WALL_FACTOR,
+    MathWorkerPool,
+    WorkerError,
+    WorkerTimeout,
+    default_pool,
+)
 
 from kexaone_align.errors import KexaoneError
 
@@ -59,6 +65,11 @@ class MathVerifier:
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes do not travel (e.g. to a Ray actor); the receiver uses its own default pool.
         return {"timeout_s": self.timeout_s, "_pool": None}
+
+    def time_limit_s(self, sample: Sample) -> float:
+        """Worst case of one ``verify``: a fresh worker's start-up plus the request's wall backstop."""
+        pool = self._pool or default_pool()
+        return pool.startup_timeout_s + self.timeout_s * WALL_FACTOR
 
     def verify(self, sample: Sample) -> VerifyResult:
         gold = reference_answer(sample.reference)

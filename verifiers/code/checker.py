@@ -171,6 +171,8 @@ def _compile(source, name):
 
 
 def _reason(exc):
+    if isinstance(exc, CandidateTimeout):
+        return f"timeout ({exc})"
     if isinstance(exc, AssertionError) and not str(exc):
         frames = traceback.extract_tb(exc.__traceback__)
         return f"assertion failed: {(frames[-1].line if frames else '').strip()[:300]}"
@@ -191,7 +193,7 @@ def _run_unit(candidate, code, namespace, entry_point):
     except BaseException as exc:
         return False, _reason(exc)
     if candidate.timed_out:
-        return False, "timeout"
+        return False, f"timeout (a call took longer than {candidate.per_call_s:g}s)"
     return True, None
 
 

@@ -41,10 +41,19 @@ def main():
     module.__file__ = os.path.abspath("solution.py")
     sys.modules["solution"] = module
     try:
-        exec(compile(job.get("setup") or "", "<setup>", "exec"), module.__dict__)
+        setup = job.get("setup") or ""
         with open("solution.py", encoding="utf-8") as fh:
             source = fh.read()
-        exec(compile(source, "solution.py", "exec"), module.__dict__)
+        try:
+            code = compile(source, "solution.py", "exec")
+        except SyntaxError:
+            if not setup:
+                raise
+            # A completion that continues the setup (a HumanEval body after its prompt) runs as
+            # setup + completion, the way the official harness builds its program.
+            code, setup = compile(setup + source, "solution.py", "exec"), ""
+        exec(compile(setup, "<setup>", "exec"), module.__dict__)
+        exec(code, module.__dict__)
         names = [k for k, v in list(module.__dict__.items()) if callable(v) and not k.startswith("__")]
     except BaseException as exc:
         send({"import_error": failure(exc)["error"]})
