@@ -27,7 +27,7 @@ def {name}(*args, **kwargs):
     if isinstance(value, int | float):
         return value + 1
     if isinstance(value, dict):
-        return {**value, "?": 0}
+        return {{**value, "?": 0}}
     if isinstance(value, str | list | tuple):
         return value + value[:1] if value else value + type(value)("x" if isinstance(value, str) else [0])
     return value
