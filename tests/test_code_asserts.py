@@ -178,7 +178,7 @@ def test_slow_call_fails_even_when_the_test_swallows_exceptions():
     limits = SandboxLimits(cpu_s=2, wall_s=1, memory_mb=512)
     res = CodeVerifier(limits=limits).verify(Sample("p", _answer(code), ref, "code"))
     assert res.reward == 0.0 and res.details["tests"][0]["reason"].startswith("timeout")
-    assert res.details["wall_s"] < 5
+    assert res.details["wall_s"] < 8
 
 
 def test_bad_assert_references_raise():

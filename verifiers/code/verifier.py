@@ -150,8 +150,9 @@ class CodeVerifier:
         return run_sandboxed(program, stdin, limits, python=self.python, **kw)
 
     def _run_limits(self, reference: dict[str, Any]) -> SandboxLimits:
-        """One run for all of a reference's call or assert tests: ``wall_s`` per test, capped at 60 s."""
-        n = unit_count(reference) if is_assert_reference(reference) else len(reference["tests"])
+        """One run for all of a reference's call or assert tests: ``wall_s`` per test (assert-style: and
+        one more for the program's start-up and the verdict after an overrun call), capped at 60 s."""
+        n = unit_count(reference) + 1 if is_assert_reference(reference) else len(reference["tests"])
         budget = min(self.limits.wall_s * n, max(_MAX_CALL_RUN_S, self.limits.wall_s))
         return replace(self.limits, wall_s=budget, cpu_s=min(self.limits.cpu_s * n, budget))
 
