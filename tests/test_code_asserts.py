@@ -77,6 +77,10 @@ def test_setup_names_and_program_objects():
     assert _verify(honest, ref).reward == 1.0
     cheat = "def encode(s):\n    return s if len(s) != 3 else 'bcd'\ndef decode(s):\n    return s"
     assert _verify(cheat, ref).reward == 0.0
+    # Nor can it replace the builtins the tests call.
+    sized = {"asserts": ["assert len(items()) == 3"]}
+    assert _verify("def items():\n    return [1, 2, 3]", sized).reward == 1.0
+    assert _verify("def items():\n    return [1]\ndef len(x):\n    return 3", sized).reward == 0.0
     # Objects that are not plain data stay in the program's process and can be passed back to it.
     objects = {"asserts": ["assert longest([Pair(1, 5), Pair(2, 3)]) == 4"]}
     code = (

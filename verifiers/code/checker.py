@@ -9,9 +9,10 @@ from the program anyway:
    before any of the program's code runs;
 2. it starts the program in a separate interpreter (``runner.py``), never importing it here, so the
    program cannot patch this interpreter (builtins, ``AssertionError``, ``sys.exit``, the output);
-3. the test code runs here, where ``candidate`` (and every other name the program defines that the
-   trusted ``setup`` does not) is a proxy that sends the arguments over a pipe and decodes the answer
-   into built-in values (``codec.py``): a rigged ``__eq__`` never arrives, only data;
+3. the test code runs here, where ``candidate`` (and every other name the program defines that
+   neither the trusted ``setup`` nor the builtins define) is a proxy that sends the arguments over a
+   pipe and decodes the answer into built-in values (``codec.py``): a rigged ``__eq__`` never
+   arrives, only data;
 4. each call has a time limit; an overrun kills the program's process (it is restarted for the next
    call) and fails the test even if the test code swallows the exception;
 5. the verdict goes to this process's own stdout, which the program's process never holds, as one
@@ -231,7 +232,9 @@ def main():
         return
     entry = job.get("entry_point")
     for name in candidate.names:
-        if name == entry or name not in namespace:
+        # The program's own names only: never one the trusted setup defines or a builtin (a program
+        # exporting ``len`` or ``sorted`` must not change what the tests' own calls return).
+        if name == entry or (name not in namespace and not hasattr(builtins, name)):
             namespace[name] = candidate.proxy(name)
     results = []
     if units is None:
