@@ -88,6 +88,10 @@ def test_setup_names_and_program_objects():
         "def longest(pairs):\n    return max(p.b - p.a for p in pairs)"
     )
     assert _verify(code, objects).reward == 1.0
+    # Such an object has no truth value for the tests (it would be the program's to decide).
+    truthy = {"check": "def check(candidate):\n    assert candidate(1)\n", "entry_point": "f"}
+    assert _verify("def f(x):\n    return x == 1", truthy).reward == 1.0
+    assert _verify("class T:\n    pass\ndef f(x):\n    return T()", truthy).reward == 0.0
 
 
 @pytest.mark.parametrize(

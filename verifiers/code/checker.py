@@ -50,6 +50,10 @@ class Ref:
     def __repr__(self):
         return f"<object #{self.id} of the program>"
 
+    def __bool__(self):
+        # Its truth value would be the program's to decide; ``assert candidate(x)`` must not pass on it.
+        raise TypeError("an object of the program has no truth value here")
+
 
 class Candidate:
     """The program's process and the proxies that call into it."""
