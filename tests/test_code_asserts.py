@@ -47,6 +47,11 @@ def test_check_function_passes_and_fails():
 def test_body_only_completion_continues_the_setup_like_the_official_harness():
     body = "    return sorted(xs)\n"
     assert _verify(body, CHECK).reward == 1.0
+    # Unfenced answers count in this mode when they are Python (alone or after the setup); prose does not.
+    verifier = CodeVerifier(limits=LIMITS)
+    assert verifier.verify(Sample("p", body, CHECK, "code")).reward == 1.0
+    prose = verifier.verify(Sample("p", "Use sorted() on the list.", CHECK, "code"))
+    assert prose.reward == 0.0 and prose.details["reason"] == "no_code_block"
     # The setup's imports are there for the program, as when prompt + completion run together.
     assert _verify("def sort_list(xs: List[int]):\n    return sorted(xs)", CHECK).reward == 1.0
 

@@ -82,6 +82,8 @@ def test_canonical_solutions_pass_and_broken_variants_fail(problems: dict[str, d
             # The official completion format (the body alone, continuing the prompt) passes too.
             samples.append(_sample(row, f"```python\n{problem['canonical_solution']}\n```"))
             expected.append(1.0)
+            samples.append(_sample(row, problem["canonical_solution"]))  # unfenced, as in their samples
+            expected.append(1.0)
             samples.append(_sample(row, f"```python\n{canonical}{ALWAYS_EQUAL.format(name=name)}```"))
             expected.append(0.0)
     verifier = CodeVerifier(limits=SandboxLimits(cpu_s=5, wall_s=5, memory_mb=512))

@@ -13,10 +13,12 @@ Reference formats (a dict, or the same as a JSON string):
 * assert-style: ``{"check": "def check(candidate): ...", "entry_point": "f"}`` or ``{"asserts":
   ["assert f(1) == 2", ...]}``, with optional trusted ``setup`` code (``asserts.py``, ``checker.py``).
 
-Reward is 1 only when every test passes; ``partial_credit=True`` (or ``metadata["partial_credit"]``)
-gives the fraction passed. Without partial credit every mode stops at the first failing test. A
-response without a Python block gets 0 with reason ``no_code_block``; a malformed reference raises
-``KexaoneError`` (that is a data bug, not a model failure).
+Assert-style tasks also accept an answer without a fenced block when it is Python on its own or as a
+continuation of ``setup`` (HumanEval's completion format). Reward is 1 only when every test passes;
+``partial_credit=True`` (or ``metadata["partial_credit"]``) gives the fraction passed. Without partial
+credit every mode stops at the first failing test. A response without a Python block gets 0 with
+reason ``no_code_block``; a malformed reference raises ``KexaoneError`` (that is a data bug, not a
+model failure).
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ class CodeVerifier:
         partial = bool(sample.metadata.get("partial_credit", self.partial_credit))
         program = extract_program(sample.response)
         assert_mode = is_assert_reference(reference)
+        if program is None and assert_mode:
+            program = _bare_code(sample.response, reference.get("setup") or "")
         total = unit_count(reference) if assert_mode else len(reference["tests"])
         details: dict[str, Any] = {"isolation": detect_isolation_mode(), "total": total}
         if program is None:
@@ -259,6 +263,23 @@ def _call_verdict(rec: dict[str, Any], expected: Any, compare: str) -> dict[str,
     except TypeError as exc:
         return {"passed": False, "reason": f"unserializable return value ({exc})"}
     return {"passed": ok, "reason": None if ok else "wrong_value"}
+
+
+def _bare_code(response: str, setup: str) -> str | None:
+    """Assert-style tasks also take an unfenced answer that is Python, alone or continuing ``setup``
+    (the official HumanEval completion format: the function body after the prompt)."""
+    if not isinstance(response, str):
+        return None
+    text = response.rsplit("</think>", 1)[-1]
+    if not text.strip():
+        return None
+    for source in (text, setup + text):
+        try:
+            compile(source, "<answer>", "exec")
+            return text
+        except (SyntaxError, ValueError):
+            continue
+    return None
 
 
 def _read(path: str) -> str:
