@@ -65,6 +65,14 @@ def test_converted_rows_have_the_prompt_and_an_assert_reference(problems: dict[s
     assert set(row["reference"]) == {"check", "entry_point", "setup"}
     with pytest.raises(KexaoneError, match="lacks"):
         humaneval_row({"task_id": "x", "prompt": "def f():\n"})
+    # The raw benchmark row also works as the reference itself.
+    raw = problems["HumanEval/2"]
+    verifier = CodeVerifier()
+    assert verifier.verify(Sample("q", humaneval_response(raw), dict(raw), "code")).reward == 1.0
+    assert (
+        verifier.verify(Sample("q", humaneval_response(raw, "    return 0.0\n"), dict(raw), "code")).reward
+        == 0.0
+    )
 
 
 def test_canonical_solutions_pass_and_broken_variants_fail(problems: dict[str, dict]) -> None:
@@ -112,3 +120,5 @@ def test_mbpp_shaped_rows_convert_and_grade() -> None:
     good = _sample(row, f"```python\n{problem['code']}\n```")
     bad = _sample(row, "```python\ndef count_vowels(s):\n    return sum(c in 'aeiou' for c in s)\n```")
     assert score_batch([good, bad], CodeVerifier()).rewards == [1.0, 0.0]
+    raw = Sample("q", good.response, problem, "code")  # the raw row as the reference
+    assert CodeVerifier().verify(raw).details["total"] == 3

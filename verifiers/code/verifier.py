@@ -11,7 +11,8 @@ Reference formats (a dict, or the same as a JSON string):
   compared here as they arrive (``compare.results_match``: ``"python_eq"``, the default, or
   ``"tolerant"``). Expected values never leave this process.
 * assert-style: ``{"check": "def check(candidate): ...", "entry_point": "f"}`` or ``{"asserts":
-  ["assert f(1) == 2", ...]}``, with optional trusted ``setup`` code (``asserts.py``, ``checker.py``).
+  ["assert f(1) == 2", ...]}``, with optional trusted ``setup`` code (``asserts.py``, ``checker.py``);
+  a raw HumanEval or MBPP row is read as one of these (``convert.benchmark_reference``).
 
 Assert-style tasks also accept an answer without a fenced block when it is Python on its own or as a
 continuation of ``setup`` (HumanEval's completion format). Reward is 1 only when every test passes;
@@ -38,6 +39,7 @@ from kexaone_align.verifiers.code.asserts import (
     validate_assert_reference,
 )
 from kexaone_align.verifiers.code.compare import COMPARE_MODES, outputs_match, results_match
+from kexaone_align.verifiers.code.convert import benchmark_reference
 from kexaone_align.verifiers.code.extract import extract_program
 from kexaone_align.verifiers.code.sandbox import (
     SandboxLimits,
@@ -63,6 +65,7 @@ def parse_reference(reference: Any) -> dict[str, Any]:
             raise KexaoneError(f"code reference is not valid JSON: {exc}") from exc
     if not isinstance(reference, dict):
         raise KexaoneError(f"code reference must be a dict, got {type(reference).__name__}")
+    reference = benchmark_reference(reference) or reference  # a raw HumanEval / MBPP row
     compare = reference.get("compare", "python_eq")
     if compare not in COMPARE_MODES:
         raise KexaoneError(f"code reference compare must be one of {COMPARE_MODES}, got {compare!r}")
