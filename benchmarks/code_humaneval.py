@@ -70,6 +70,7 @@ def main() -> None:
     canonical_ok = sum(1 for i in range(0, len(samples), 2) if result.results[i].reward == 1.0)
     perturbed_ok = sum(1 for i in range(1, len(samples), 2) if result.results[i].reward == 0.0)
     report = {
+        "benchmark": "code_humaneval",
         "problems": len(problems),
         "canonical_passed": canonical_ok,
         "perturbed_failed": perturbed_ok,
