@@ -155,3 +155,7 @@ def test_slow_program_verdict_is_kept_by_default() -> None:
     assert kept.rewards == [1.0] and kept.timeouts == 0
     cut = score_batch([sample], verifier, timeout_s=1.5)
     assert cut.rewards == [0.0] and cut.timeouts == 1
+    # That sample's thread (and its sandbox) ran on, abandoned: let it end before other tests run.
+    deadline = time.monotonic() + 30
+    while any(t.name == "verify-0" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.1)
