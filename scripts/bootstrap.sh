@@ -23,6 +23,12 @@ if [ "${#extras[@]}" -gt 0 ]; then
     spec=".[$(IFS=,; echo "${extras[*]}")]"
 fi
 .venv/bin/python -m pip install -q -e "$spec"
+if [ "${1:-}" = "dev" ]; then
+    # Google's reference IFEval checkers, for the ifeval differential test only. --no-deps: the test
+    # imports just lm-eval's ifeval modules (their needs are installed above); lm-eval's full dependency
+    # set (scipy, scikit-learn, sacrebleu, evaluate, ... 25 packages) is not needed.
+    .venv/bin/python -m pip install -q --no-deps lm-eval==0.4.13
+fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi

@@ -211,6 +211,20 @@ def test_sleep_forever_hits_wall_limit():
     assert _sandbox_procs() == []
 
 
+def test_on_line_ends_the_run_when_asked():
+    seen: list[bytes] = []
+
+    def on_line(line: bytes) -> bool:
+        seen.append(line)
+        return line == b"3"
+
+    program = "import sys, time\nfor k in range(100):\n    print(k, flush=True)\n    time.sleep(0.05)\n"
+    res = run_sandboxed(program, b"", FAST, on_line=on_line)
+    assert res.killed_reason == "stopped" and res.exit_code is None
+    assert seen == [b"0", b"1", b"2", b"3"] and res.wall_s < 3
+    assert _sandbox_procs() == []
+
+
 def test_huge_allocation_hits_memory_limit():
     prog = """
 chunks = []

@@ -75,11 +75,17 @@ def test_partial_credit():
 
 
 def test_call_based_correct_wrong_and_partial():
-    good = _verify("def pair(a, b):\n    return (a + b, a * b)", CALL)
-    assert good.reward == 1.0 and good.details["mode"] == "call"
+    good = _verify("def pair(a, b):\n    return [a + b, a * b]", CALL)
+    assert good.reward == 1.0 and good.details["mode"] == "call" and good.details["compare"] == "python_eq"
+    # JSON has no tuples: under Python's == a tuple is not the expected list; the tolerant mode allows it.
+    as_tuple = "def pair(a, b):\n    return (a + b, a * b)"
+    assert _verify(as_tuple, CALL).details["tests"][0]["reason"] == "wrong_value"
+    assert _verify(as_tuple, {**CALL, "compare": "tolerant"}).reward == 1.0
+    assert _verify(as_tuple, CALL, compare="tolerant").reward == 1.0
     leetcode = _verify("class Solution:\n    def pair(self, a, b):\n        return [a + b, a * b]", CALL)
     assert leetcode.reward == 1.0
     wrong = _verify("def pair(a, b):\n    return [a + b, a * b + (a == 0)]", CALL, partial_credit=True)
+    assert len(wrong.details["tests"]) == 3  # partial credit runs every case
     assert wrong.reward == pytest.approx(2 / 3)
     assert [t["passed"] for t in wrong.details["tests"]] == [True, False, True]
     missing = _verify("def other(a, b):\n    return 0", CALL)
@@ -127,3 +133,55 @@ def test_output_and_value_comparison_rules():
     assert not values_match(True, 1) and not values_match(1, True)
     assert not values_match([1, 2], [1, 2, 3]) and not values_match({"a": 1}, {"a": 1, "b": 2})
     assert not values_match("1", 1) and not values_match(None, 0)
+
+
+def test_python_eq_matches_python_equality_and_tolerant_keeps_the_old_rules():
+    cases = [
+        ("return 1", True, 1.0, 0.0),  # 1 == True, as the official harnesses' asserts see it
+        ("return True", 1, 1.0, 0.0),
+        ("return 0.3 + 1e-8", 0.3, 0.0, 1.0),  # off by 1e-8: == fails; the tolerance is 1e-6 relative
+        ("return 0.25", 0.25, 1.0, 1.0),
+        ("return {1: 'a'}", {1: "a"}, 1.0, 0.0),  # int keys survive (JSON would make them strings)
+        ("return {3, 1}", {1, 3}, 1.0, 0.0),  # sets compare as sets; JSON cannot carry them
+        ("return (1, [2])", (1, [2]), 1.0, 1.0),
+        ("return [1, 2]", (1, 2), 0.0, 1.0),  # a list where a tuple is expected
+    ]
+    for body, expected, want_eq, want_tolerant in cases:
+        ref = {"fn_name": "f", "tests": [{"args": [], "expected": expected}]}
+        code = f"def f():\n    {body}"
+        assert _verify(code, ref).reward == want_eq, (body, expected)
+        assert _verify(code, {**ref, "compare": "tolerant"}).reward == want_tolerant, (body, expected)
+    with pytest.raises(KexaoneError, match="compare"):
+        _verify("def f():\n    return 1", {"fn_name": "f", "tests": [{"expected": 1}], "compare": "close"})
+
+
+def test_rigged_return_values_are_reduced_to_data():
+    ref = {"fn_name": "f", "tests": [{"args": [], "expected": 5}]}
+    rigged = "class I(int):\n    def __eq__(self, other):\n        return True\ndef f():\n    return I(4)"
+    assert _verify(rigged, ref).details["tests"][0]["reason"] == "wrong_value"
+    assert _verify(rigged.replace("I(4)", "I(5)"), ref).reward == 1.0  # the data itself is right
+    anything = "class A:\n    def __eq__(self, other):\n        return True\ndef f():\n    return A()"
+    assert "unserializable" in _verify(anything, ref).details["tests"][0]["reason"]
+
+
+def test_call_mode_stops_at_the_first_failure_unless_partial_credit():
+    # Every case burns ~0.4 s and 200 MB and then answers wrongly: without partial credit the run is
+    # ended as soon as the first wrong value arrives.
+    tests = [{"args": [k], "expected": k} for k in range(8)]
+    code = "import time\ndef f(k):\n    junk = bytearray(200 << 20)\n    time.sleep(0.4)\n    return k + 1"
+    ref = {"fn_name": "f", "tests": tests}
+    verifier = CodeVerifier(limits=LIMITS)
+    first = verifier.verify(Sample("p", _answer(code), ref, "code"))
+    assert first.reward == 0.0 and len(first.details["tests"]) == 1
+    assert first.details["tests"][0]["reason"] == "wrong_value" and first.details["wall_s"] < 2.5
+    every = CodeVerifier(limits=LIMITS, partial_credit=True).verify(Sample("p", _answer(code), ref, "code"))
+    assert len(every.details["tests"]) == 8 and every.reward == 0.0 and every.details["wall_s"] > 3.0
+
+
+def test_time_limit_covers_every_run():
+    verifier = CodeVerifier(limits=SandboxLimits(cpu_s=1, wall_s=2))
+    stdio = verifier.time_limit_s(Sample("p", "", {"tests": [{"input": "", "output": "1"}] * 3}, "code"))
+    call = verifier.time_limit_s(Sample("p", "", {**CALL, "tests": CALL["tests"] * 40}, "code"))
+    asserts = verifier.time_limit_s(Sample("p", "", {"asserts": ["assert f() == 1"] * 4}, "code"))
+    assert stdio >= 3 * 2 and call >= 60 and asserts >= 4 * 2
+    assert call < 120 and asserts < 4 * 2 + 15

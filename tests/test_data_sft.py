@@ -110,7 +110,7 @@ def test_bad_saved_dataset_rows_are_named(tmp_path):
 def test_invalid_json_and_missing_paths(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n{oops\n")
-    with pytest.raises(KexaoneError, match=r"broken\.jsonl line 2: invalid JSON"):
+    with pytest.raises(KexaoneError, match=r"broken\.jsonl line 2: is not valid JSON"):
         load_chat_dataset(path)
     with pytest.raises(KexaoneError, match="does not exist"):
         load_chat_dataset(tmp_path / "nope.jsonl")
@@ -118,7 +118,7 @@ def test_invalid_json_and_missing_paths(tmp_path):
 
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(KexaoneError, match=r"'someone/chat-data'.*Hugging Face hub"):
+    with pytest.raises(KexaoneError, match=r"'someone/chat-data'.*Hugging Face datasets cache"):
         load_chat_dataset("someone/chat-data")
 
 

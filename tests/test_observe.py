@@ -27,3 +27,21 @@ def test_progress_accepts_partial_metrics():
     bar.update({"loss": 0.5})
     bar.update({})
     bar.close()
+
+
+def test_drop_rows_rewrites_jsonl_and_keeps_logging(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log("agapo", step, {"loss": float(step)})
+    logger.log("sft", 9, {"loss": 9.0})
+    with open(logger.jsonl_path, "a", encoding="utf-8") as fh:
+        fh.write('{"stage": "agapo", "step": 4, "lo')  # a line torn by a crash
+    logger.drop_rows(lambda row: row["stage"] != "agapo" or row["step"] <= 1)
+    logger.log("agapo", 2, {"loss": 0.5})  # the resumed run appends after the kept rows
+    logger.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r["loss"]) for r in rows] == [
+        ("agapo", 1, 1.0),
+        ("sft", 9, 9.0),
+        ("agapo", 2, 0.5),
+    ]

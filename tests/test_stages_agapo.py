@@ -149,31 +149,8 @@ def test_synchronous_agapo_skips_all_filtered_step_cleanly(tmp_path, verifier_fi
     assert all(m["staleness"] == 0.0 for m in steps)  # synchronous: always the current policy
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_two_zero3_learners_and_two_workers_take_the_one_actor_steps(tmp_path, verifier_file):
-    """The issue's multi-actor run: 2 ZeRO-3 learners + 2 rollout workers train like 1 + 1.
-
-    Sampling is seeded per prompt, so both layouts see the same rollouts and rewards; data-parallel
-    learners then take the same optimizer steps as one learner over the whole batch.
-    """
-    common = (f"{verifier_file}:parity", "learners.zero_stage=3", "model.experts_implementation=eager")
-    one, one_steps = _run_agapo(tmp_path / "one", *common)
-    two, two_steps = _run_agapo(tmp_path / "two", *common, "learners.num_learners=2", "rollout.num_workers=2")
-    assert two["policy_version"] == one["policy_version"] >= 1
-    for a, b in zip(two_steps, one_steps, strict=True):
-        assert a["reward/mean"] == b["reward/mean"]
-        if "loss" in b:
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert two["eval_after"]["accuracy"] == one["eval_after"]["accuracy"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("transport", ["object_store", "collective"])
-def test_two_zero3_learners_push_many_buckets_each_step(tmp_path, verifier_file, transport, monkeypatch):
-    """The issue's run (2 ZeRO-3 learners, 1 MiB buckets) finishes on both transports, and after every
-    push the rollout workers' log-probs equal the learners' own (checked around each push)."""
+def _checking_pushes(monkeypatch) -> list[dict]:
+    """Every push is followed by a check that the rollout workers' log-probs equal the learners' own."""
     import ray
 
     from kexaone_align.runtime.rollout.pool import RolloutPool
@@ -194,15 +171,54 @@ def test_two_zero3_learners_push_many_buckets_each_step(tmp_path, verifier_file,
         return out
 
     monkeypatch.setattr(RolloutPool, "push_weights", checked_push)
-    summary, steps = _run_agapo(
-        tmp_path, f"{verifier_file}:parity", "agapo.prompts_per_step=4", "learners.num_learners=2",
-        "learners.zero_stage=3", "rollout.weight_sync_bucket_mb=1", "checkpoint.export=false",
-        "agapo.zero_variance_filter=false", f"rollout.weight_sync_transport={transport}",
-    )  # fmt: skip
-    assert len(steps) == 3 and summary["policy_version"] == 3
+    return pushes
+
+
+def _assert_many_bucket_pushes(pushes: list[dict], steps: list[dict]) -> None:
     assert len(pushes) == 3  # after steps 1 and 2, and before the final evaluation
     assert all(p["weight_sync/buckets"] >= 10 for p in pushes), [p["weight_sync/buckets"] for p in pushes]
     assert [p["weight_sync/version"] for p in pushes] == [1.0, 2.0, 3.0]
     synced = [m for m in steps if "weight_sync/seconds" in m]
     assert len(synced) == 2 and all(m["weight_sync/gb_per_s"] > 0 for m in synced)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_zero3_learners_and_two_workers_take_the_one_actor_steps(tmp_path, verifier_file, monkeypatch):
+    """The issue's multi-actor run: 2 ZeRO-3 learners + 2 rollout workers, weights pushed through the
+    object store in 1 MiB buckets, train like 1 + 1.
+
+    Sampling is seeded per prompt, so both layouts see the same rollouts and rewards; data-parallel
+    learners then take the same optimizer steps as one learner over the whole batch. After every push
+    both workers' log-probs equal the learners'.
+    """
+    common = (f"{verifier_file}:parity", "learners.zero_stage=3", "model.experts_implementation=eager")
+    one, one_steps = _run_agapo(tmp_path / "one", *common)
+    pushes = _checking_pushes(monkeypatch)
+    two, two_steps = _run_agapo(
+        tmp_path / "two", *common, "learners.num_learners=2", "rollout.num_workers=2",
+        "rollout.weight_sync_bucket_mb=1", "rollout.weight_sync_transport=object_store",
+    )  # fmt: skip
+    assert two["policy_version"] == one["policy_version"] == 3
+    for a, b in zip(two_steps, one_steps, strict=True):
+        assert a["reward/mean"] == b["reward/mean"]
+        if "loss" in b:
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert two["eval_after"]["accuracy"] == one["eval_after"]["accuracy"]
+    _assert_many_bucket_pushes(pushes, two_steps)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_zero3_learners_push_many_buckets_over_the_collective(tmp_path, verifier_file, monkeypatch):
+    """The same 2 ZeRO-3 learner run (1 MiB buckets) on the collective transport (the object store is
+    covered by the parity run above); rollout equals learner after every push."""
+    pushes = _checking_pushes(monkeypatch)
+    summary, steps = _run_agapo(
+        tmp_path, f"{verifier_file}:parity", "agapo.prompts_per_step=4", "learners.num_learners=2",
+        "learners.zero_stage=3", "rollout.weight_sync_bucket_mb=1", "checkpoint.export=false",
+        "agapo.zero_variance_filter=false", "rollout.weight_sync_transport=collective",
+    )  # fmt: skip
+    assert len(steps) == 3 and summary["policy_version"] == 3
+    _assert_many_bucket_pushes(pushes, steps)
     assert all(0.5 < m["is_ratio_mean"] <= 1.0 + 1e-4 for m in steps)

@@ -7,6 +7,9 @@ import time
 
 import pytest
 from kexaone_align.verifiers import FunctionVerifier, Sample, TaskRouter, VerifyResult, score_batch
+from kexaone_align.verifiers import batch as batch_module
+from kexaone_align.verifiers.batch import time_limit_of
+from kexaone_align.verifiers.code import CodeVerifier, SandboxLimits
 
 from kexaone_align.errors import KexaoneError
 
@@ -110,3 +113,49 @@ def test_router_and_builtins_pickle_for_ray_actors() -> None:
     assert clone.verify(_sample("math", "\\boxed{0.5}", "1/2")).reward == 1.0
     for name in ("math", "ifeval", "format", "choice"):
         assert pickle.loads(pickle.dumps(get_verifier(name))).name == name
+
+
+class _Declared:
+    """A verifier that declares its own worst case per sample (reference = (limit, sleep))."""
+
+    name = "declared"
+
+    def time_limit_s(self, sample: Sample) -> float:
+        return sample.reference[0]
+
+    def verify(self, sample: Sample) -> VerifyResult:
+        time.sleep(sample.reference[1])
+        return VerifyResult(1.0, {})
+
+
+def test_default_limits_come_from_the_verifiers_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch_module, "_GRACE_S", 0.2)
+    samples = [_sample("t", reference=(0.5, 0.3)), _sample("t", reference=(0.05, 2.0))]
+    result = score_batch(samples, _Declared(), max_workers=2)
+    assert result.rewards == [1.0, 0.0]
+    assert result.results[1].details["reason"] == "verifier timed out after 0.25s"
+    # Through a router too; a verifier that declares nothing gets the 60 s default.
+    router = TaskRouter({"t": _Declared()})
+    assert time_limit_of(router, samples[0]) == 0.5
+    assert time_limit_of(FunctionVerifier("plain", lambda s: 1.0), samples[0]) is None
+    with pytest.raises(KexaoneError, match="auto"):
+        score_batch(samples, _Declared(), timeout_s="soon")
+
+
+def test_slow_program_verdict_is_kept_by_default() -> None:
+    # Three stdin/stdout runs of ~1 s each: the code verifier's own worst case is far above any
+    # fixed per-sample limit this short, and the default limit follows it.
+    limits = SandboxLimits(cpu_s=2, wall_s=2, memory_mb=512)
+    verifier = CodeVerifier(limits=limits)
+    program = "```python\nimport time\ntime.sleep(1.0)\nprint(int(input()) * 2)\n```"
+    ref = {"tests": [{"input": str(k), "output": str(2 * k)} for k in range(3)]}
+    sample = Sample(prompt="p", response=program, reference=ref, task="code")
+    assert verifier.time_limit_s(sample) > 3 * limits.wall_s
+    kept = score_batch([sample], verifier)
+    assert kept.rewards == [1.0] and kept.timeouts == 0
+    cut = score_batch([sample], verifier, timeout_s=1.5)
+    assert cut.rewards == [0.0] and cut.timeouts == 1
+    # That sample's thread (and its sandbox) ran on, abandoned: let it end before other tests run.
+    deadline = time.monotonic() + 30
+    while any(t.name == "verify-0" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,9 +122,12 @@ def test_pathological_inputs_finish_in_budget_from_threads() -> None:
         Sample(prompt="q", response="\\boxed{6}", reference="6"),
         Sample(prompt="q", response="\\boxed{\\frac{14}{2}}", reference="7"),
     ]
-    start = time.monotonic()
     try:
         with ThreadPoolExecutor(max_workers=4) as ex:
+            # Start (and warm) both workers first: the budget below is for the pathological inputs.
+            warm = Sample(prompt="q", response="\\boxed{1}", reference="1")
+            assert [r.reward for r in ex.map(verifier.verify, [warm, warm])] == [1.0, 1.0]
+            start = time.monotonic()
             results = list(ex.map(verifier.verify, samples))
     finally:
         pool.close()
@@ -164,3 +170,36 @@ def test_workers_survive_the_thread_that_started_them() -> None:
         assert pool.stats["started"] == 1 and pool.stats["crashes"] == 0
     finally:
         pool.close()
+
+
+def _busy_loops(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_first_calls_on_a_loaded_machine_grade_slow_to_parse_answers_right() -> None:
+    # math-verify warms up lazily: a fresh process's first polynomial comparison took 1.4 s on a busy
+    # 2-core machine, 0.02 s afterwards. Workers warm up before reporting ready and the limit counts the
+    # worker's CPU time, so with every core busy-looping the first calls of a fresh pool still pass
+    # inside the default 3 s limit. The pairs differ from the worker's own warm-up pairs, so nothing
+    # here is served from its caches.
+    cases = [
+        ("(x+3)(x-5)", "Expanding, the answer is \\boxed{x^2-2x-15}."),
+        ("(2x-1)(x+4)", "\\boxed{2x^2+7x-4}"),
+        ("(a+b)^2(a-b)", "so we get \\boxed{a^3+a^2 b-a b^2-b^3}"),
+        ("\\frac{3}{7}", "The answer is $\\frac{6}{14}$."),
+    ]
+    hogs = _busy_loops(os.cpu_count() or 2)
+    pool = MathWorkerPool(max_workers=1)  # one worker start-up keeps the test short on a loaded machine
+    verifier = MathVerifier(pool=pool)  # the default time limit
+    try:
+        with ThreadPoolExecutor(max_workers=len(cases)) as ex:
+            results = list(
+                ex.map(lambda c: verifier.verify(Sample(prompt="q", response=c[1], reference=c[0])), cases)
+            )
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        pool.close()
+    assert [r.details["reason"] for r in results] == ["equivalent"] * len(cases)
+    assert pool.stats["started"] == 1 and pool.stats["warm_failures"] == 0 and pool.stats["timeouts"] == 0

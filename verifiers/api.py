@@ -41,7 +41,11 @@ class VerifyResult:
 
 @runtime_checkable
 class Verifier(Protocol):
-    """Anything that grades a ``Sample``."""
+    """Anything that grades a ``Sample``.
+
+    A verifier may also define ``time_limit_s(sample) -> float``: the longest its ``verify`` can take
+    under its own limits. ``score_batch`` then uses that (plus a grace) as the sample's time limit.
+    """
 
     name: str
 

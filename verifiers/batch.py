@@ -67,6 +67,10 @@ class TaskRouter:
             self._cache.setdefault(task, verifier)
             return self._cache[task]
 
+    def time_limit_s(self, sample: Sample) -> float | None:
+        """The routed verifier's own time limit for ``sample`` (None when it does not declare one)."""
+        return time_limit_of(self.route(sample), sample)
+
     def verify(self, sample: Sample) -> VerifyResult:
         verifier = self.route(sample)
         if verifier is None:
@@ -105,6 +109,22 @@ class BatchResult:
         return [r.reward for r in self.results]
 
 
+DEFAULT_TIMEOUT_S = 60.0
+_GRACE_S = 5.0
+
+
+def time_limit_of(verifier: Any, sample: Sample) -> float | None:
+    """``verifier.time_limit_s(sample)`` if the verifier declares its limits, else None."""
+    limit_fn = getattr(verifier, "time_limit_s", None)
+    if verifier is None or not callable(limit_fn):
+        return None
+    try:
+        limit = limit_fn(sample)
+    except Exception:  # a bad reference: verify() will report it
+        return None
+    return float(limit) if isinstance(limit, int | float) and limit > 0 else None
+
+
 def _run_one(verifier: Verifier | TaskRouter, sample: Sample) -> VerifyResult:
     out: Any = verifier.verify(sample)
     if isinstance(out, VerifyResult):
@@ -123,17 +143,23 @@ def score_batch(
     router_or_verifier: Verifier | TaskRouter | str,
     *,
     max_workers: int = 8,
-    timeout_s: float | None = 60.0,
+    timeout_s: float | str | None = "auto",
 ) -> BatchResult:
-    """Grade ``samples`` with at most ``max_workers`` running at once, each within ``timeout_s``.
+    """Grade ``samples`` with at most ``max_workers`` running at once, each within its time limit.
 
+    ``timeout_s="auto"`` (the default) gives each sample its verifier's own worst case plus a 5 s
+    grace, for verifiers that declare one (``time_limit_s(sample)``, e.g. the code verifier: per-run
+    limit x runs), so a verdict the verifier would reach within its limits is never thrown away, and
+    60 s for the others; a number is one limit for every sample; None waits for ever.
     Results keep input order. A raised exception, a bad return value or an overrun gives that sample
     reward 0 with ``details['reason']`` and ``details['error'|'timeout']``; verifiers may also report
     their own ``timeout``/``error`` in details, which is counted the same way.
     """
     if max_workers < 1:
         raise KexaoneError(f"max_workers must be at least 1, got {max_workers}")
-    if timeout_s is not None and timeout_s <= 0:
+    if isinstance(timeout_s, str) and timeout_s != "auto":
+        raise KexaoneError(f"timeout_s must be a number of seconds, None or 'auto', got {timeout_s!r}")
+    if isinstance(timeout_s, int | float) and timeout_s <= 0:
         raise KexaoneError(f"timeout_s must be positive, got {timeout_s}")
     grader = router_or_verifier
     if isinstance(grader, str):
@@ -143,6 +169,13 @@ def score_batch(
     results: list[VerifyResult | None] = [None] * len(samples)
     done: queue.Queue[tuple[int, VerifyResult]] = queue.Queue()
     running: dict[int, float] = {}  # index -> deadline
+    limits: dict[int, float | None] = {}
+
+    def limit_for(i: int) -> float | None:
+        if timeout_s != "auto":
+            return timeout_s  # type: ignore[return-value]
+        own = time_limit_of(grader, samples[i])
+        return DEFAULT_TIMEOUT_S if own is None else own + _GRACE_S
 
     def work(i: int, sample: Sample) -> None:
         try:
@@ -164,7 +197,8 @@ def score_batch(
     while pending or running:
         while pending and len(running) < max_workers:
             i = pending.pop()
-            running[i] = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
+            limits[i] = limit_for(i)
+            running[i] = time.monotonic() + limits[i] if limits[i] is not None else float("inf")  # type: ignore[operator]
             threading.Thread(target=work, args=(i, samples[i]), daemon=True, name=f"verify-{i}").start()
         wait = min(running.values()) - time.monotonic()
         try:
@@ -183,10 +217,10 @@ def score_batch(
                     gname,
                     i,
                     samples[i].task,
-                    timeout_s,
+                    limits[i],
                 )
                 results[i] = _failure(
-                    "timeout", f"verifier timed out after {timeout_s:g}s", samples[i], gname
+                    "timeout", f"verifier timed out after {limits[i]:g}s", samples[i], gname
                 )
     final = [r for r in results if r is not None]
     return _summarise(samples, final, time.monotonic() - start)

@@ -62,7 +62,12 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default", help="verifier for tasks with no route (default: reward 0, counted)")
     parser.add_argument("--task", default="math", help="task of rows without a 'task' field (default: math)")
     parser.add_argument("--max-workers", type=int, default=8, help="samples graded at once")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per sample")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds allowed per sample (default: each verifier's own worst case, else 60)",
+    )
     parser.add_argument("--out", help="write the rows with 'reward' and 'details' added to this JSONL file")
 
 
@@ -144,7 +149,9 @@ def verify_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Score ``--data`` offline, print per-task statistics, optionally write scored rows to ``--out``."""
     out = out or sys.stdout
     rows, samples = read_rollouts(args.data, getattr(args, "task", "math") or "math")
-    result = score_batch(samples, _grader(args), max_workers=args.max_workers, timeout_s=args.timeout)
+    result = score_batch(
+        samples, _grader(args), max_workers=args.max_workers, timeout_s=args.timeout or "auto"
+    )
     out.write(format_stats(result) + "\n")
     out.write(f"scored {len(samples)} rows in {result.elapsed_s:.2f}s\n")
     if args.out:

@@ -4,7 +4,9 @@ Rules: in reasoning mode only text after the last ``</think>`` is graded and an 
 scores 0; the final answer comes from ``\\boxed{}``, else "the answer is ..." phrases, else the last
 line; a response stating several different final answers scores 0 (every stated answer must match).
 Parsing and comparison run in ``math_pool`` worker processes, so a hung sympy call costs at most
-``timeout_s`` and is safe from threads.
+``timeout_s`` seconds of the worker's CPU time (a wall-clock backstop of 10x that catches a stalled
+worker) and is safe from threads. Workers warm math-verify up before taking requests, so the limit
+counts the comparison itself, never a fresh worker's lazy imports and caches.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from typing import Any
 
 from kexaone_align.verifiers.answer import final_answers, strip_reasoning, unique
 from kexaone_align.verifiers.api import Sample, VerifyResult, register_verifier
-from kexaone_align.verifiers.math_pool import MathWorkerPool, WorkerError, WorkerTimeout, default_pool
+from kexaone_align.verifiers.math_pool import (
+    WALL_FACTOR,
+    MathWorkerPool,
+    WorkerError,
+    WorkerTimeout,
+    default_pool,
+)
 
 from kexaone_align.errors import KexaoneError
 
@@ -57,6 +65,11 @@ class MathVerifier:
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes do not travel (e.g. to a Ray actor); the receiver uses its own default pool.
         return {"timeout_s": self.timeout_s, "_pool": None}
+
+    def time_limit_s(self, sample: Sample) -> float:
+        """Worst case of one ``verify``: a fresh worker's start-up plus the request's wall backstop."""
+        pool = self._pool or default_pool()
+        return pool.startup_timeout_s + self.timeout_s * WALL_FACTOR
 
     def verify(self, sample: Sample) -> VerifyResult:
         gold = reference_answer(sample.reference)

@@ -2,9 +2,14 @@
 
 math-verify bounds its own time with ``signal.alarm``, which only works on the main thread, and a
 pathological answer such as ``9^{9^{9^{9}}}`` can make sympy run (and allocate) for ever. Each request
-therefore goes to a reused child process; a request that overruns its deadline gets the child killed
-and replaced, and the caller gets ``WorkerTimeout``. Worker start-up time never counts against a
-request's deadline.
+therefore goes to a reused child process; a request that overruns its limit gets the child killed and
+replaced, and the caller gets ``WorkerTimeout``. The limit counts the CPU time the worker spends on
+the request (read from ``/proc``), so a busy machine slows a comparison down without failing it; a
+wall-clock backstop of ``WALL_FACTOR`` times the limit catches a worker that is stuck without using
+CPU (wall time alone where ``/proc`` is unreadable). Worker start-up time never counts against a
+request's limit, and neither does math-verify's lazy warm-up: each worker parses and verifies a
+few representative answers (a factored polynomial against its expansion, a ``\\boxed`` fraction,
+intervals, sets, ...) before it reports ready, so a request's time limit measures its own comparison.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _WORKER_SCRIPT = Path(__file__).with_name("_math_worker.py")
+
+
+WALL_FACTOR = 10.0
+_POLL_S = 0.05
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
 class WorkerTimeout(Exception):
@@ -73,32 +83,55 @@ class _Worker:
         except BaseException:
             self.kill()
             raise
-        if not json.loads(hello).get("ready"):
+        try:
+            self.hello: dict[str, Any] = json.loads(hello)
+        except ValueError:
+            self.hello = {}
+        if not isinstance(self.hello, dict) or not self.hello.get("ready"):
             self.kill()
             raise WorkerError(f"math worker sent {hello[:200]!r} instead of a ready message")
 
-    def _read_line(self, deadline: float) -> str:
+    def _cpu_s(self) -> float | None:
+        """CPU seconds the worker has used so far, or None where /proc cannot tell."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) * _TICK_S
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _read_line(self, deadline: float, cpu_limit: float | None = None) -> str:
+        """One protocol line; ``WorkerTimeout`` past the wall ``deadline`` or the worker's ``cpu_limit``."""
         fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
         while b"\n" not in self._buf:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WorkerTimeout
-            ready, _, _ = select.select([fd], [], [], remaining)
+            wait = remaining if cpu_limit is None else min(remaining, _POLL_S)
+            ready, _, _ = select.select([fd], [], [], wait)
             if ready:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     raise WorkerError(f"math worker exited (status {self.proc.poll()})")
                 self._buf += chunk
+            elif cpu_limit is not None:
+                used = self._cpu_s()
+                if used is not None and used >= cpu_limit:
+                    raise WorkerTimeout
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode("utf-8")
 
     def request(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        start_cpu = self._cpu_s()
         try:
             self.proc.stdin.write((json.dumps(payload) + "\n").encode("utf-8"))  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except (BrokenPipeError, OSError) as exc:
             raise WorkerError(f"math worker is gone: {exc}") from exc
-        return json.loads(self._read_line(time.monotonic() + timeout_s))
+        if start_cpu is None:
+            return json.loads(self._read_line(time.monotonic() + timeout_s))
+        deadline = time.monotonic() + timeout_s * WALL_FACTOR
+        return json.loads(self._read_line(deadline, cpu_limit=start_cpu + timeout_s))
 
     def kill(self) -> None:
         try:
@@ -122,7 +155,7 @@ class MathWorkerPool:
         self._idle: list[_Worker] = []
         self._live = 0
         self._cond = threading.Condition()
-        self.stats = {"requests": 0, "timeouts": 0, "crashes": 0, "started": 0}
+        self.stats = {"requests": 0, "timeouts": 0, "crashes": 0, "started": 0, "warm_failures": 0}
 
     def _acquire(self) -> _Worker:
         with self._cond:
@@ -133,12 +166,18 @@ class MathWorkerPool:
             self._live += 1
             self.stats["started"] += 1
         try:
-            return _Worker(self.startup_timeout_s)
+            worker = _Worker(self.startup_timeout_s)
         except BaseException:
             with self._cond:
                 self._live -= 1
                 self._cond.notify()
             raise
+        if worker.hello.get("warmed") != worker.hello.get("warm_total"):
+            # Still usable, but its first requests pay for the warm-up inside their deadline.
+            logger.warning("math worker warm-up incomplete: %s", worker.hello)
+            with self._cond:
+                self.stats["warm_failures"] += 1
+        return worker
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
         if not healthy:
@@ -151,7 +190,7 @@ class MathWorkerPool:
             self._cond.notify()
 
     def call(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Run one request; raise ``WorkerTimeout`` past ``timeout_s`` seconds of work."""
+        """Run one request; raise ``WorkerTimeout`` past ``timeout_s`` CPU seconds of work (module doc)."""
         worker = self._acquire()
         healthy = False
         try:

@@ -19,10 +19,12 @@ from kexaone_align.config.derive import learner_settings, schedule_steps
 from kexaone_align.config.infra import (
     CheckpointConfig,
     ClusterConfig,
+    ColumnsConfig,
     DataConfig,
     LearnersConfig,
     LoggingConfig,
     RolloutConfig,
+    WandbConfig,
 )
 from kexaone_align.config.loading import (
     apply_overrides,
@@ -48,6 +50,7 @@ __all__ = [
     "ArchitectureConfig",
     "CheckpointConfig",
     "ClusterConfig",
+    "ColumnsConfig",
     "DataConfig",
     "FieldHelp",
     "GrouperConfig",
@@ -64,6 +67,7 @@ __all__ = [
     "SftConfig",
     "TaskReward",
     "TokenizerConfig",
+    "WandbConfig",
     "apply_overrides",
     "explain",
     "explain_key",

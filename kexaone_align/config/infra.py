@@ -5,21 +5,116 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kexaone_align.config.base import Section
 
 
+class ColumnsConfig(Section):
+    """How rows of a dataset in another shape become prompts (RL stages) or conversations (SFT)."""
+
+    preset: Literal["none", "gsm8k", "math", "chat"] = Field(
+        "none",
+        description="Column layout of a common shape; keys set below win. 'gsm8k': prompt 'question', "
+        "reference and SFT response 'answer', extractor 'gsm8k' (the text after '####'), task 'math'. "
+        "'math': prompt 'problem', reference and response 'solution', extractor 'boxed' (the last "
+        "\\boxed{...}), task 'math'. 'chat': a 'messages' column. 'none' with no column named: rows are "
+        "in the toolkit's own format (messages + task + reference; messages for SFT).",
+    )
+    prompt: str | None = Field(
+        None,
+        description="Column with the question: text becomes one user turn (through prompt_template), a "
+        "list of chat messages is used as is.",
+    )
+    messages: str | None = Field(
+        None,
+        description="Column with a chat (list of {role, content}). SFT trains on it; a prompt is the turns "
+        "before its final assistant turn (see chat_prompt), whose content is the reference unless "
+        "'reference' names a column.",
+    )
+    response: str | None = Field(None, description="SFT: column with the answer text paired with 'prompt'.")
+    reference: str | None = Field(
+        None, description="RL stages: column with the answer graded against (through reference_extractor)."
+    )
+    reference_extractor: Literal["raw", "gsm8k", "boxed"] | None = Field(
+        None,
+        description="Turns the reference column into what the verifier grades against: 'raw' (as given), "
+        "'gsm8k' (after the last '####', thousands commas dropped), 'boxed' (content of the last "
+        "\\boxed{...}, nested braces kept). null = the preset's, else 'raw'. A row it cannot read is an "
+        "error.",
+    )
+    task: str | None = Field(
+        None, description="RL stages: the verifier task of every row (e.g. 'math') unless task_column is set."
+    )
+    task_column: str | None = Field(None, description="RL stages: column naming each row's verifier task.")
+    id: str | None = Field(None, description="Column with a unique row id; null = '<source> row <i>'.")
+    system_prompt: str | None = Field(None, description="A system turn put before every prompt / chat.")
+    prompt_template: str | None = Field(
+        None,
+        description="Text around a text prompt, with '{prompt}' where the question goes, e.g. "
+        "'{prompt} Put the final answer in \\boxed{}.'",
+    )
+    chat_prompt: Literal["history", "last_user"] | None = Field(
+        None,
+        description="RL stages, 'messages' column: 'history' = every turn before the final assistant turn, "
+        "'last_user' = only the last user turn before it. null = 'history'.",
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_slot(cls, value: str | None) -> str | None:
+        if value is not None and "{prompt}" not in value:
+            raise ValueError(f"prompt_template must contain '{{prompt}}' where the question goes: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _has_a_source_column(self) -> ColumnsConfig:
+        named = [k for k in type(self).model_fields if k != "preset" and getattr(self, k) is not None]
+        if self.preset == "none" and named and self.prompt is None and self.messages is None:
+            raise ValueError(
+                f"data.columns: {', '.join(named)} set, but no 'prompt' or 'messages' column (or a preset) "
+                "to build rows from"
+            )
+        return self
+
+
 class DataConfig(Section):
-    """Training / evaluation data: files, or a tiny task set generated offline."""
+    """Training / evaluation data: files, saved or cached Hugging Face datasets, or a tiny task set."""
 
     train_files: list[str] = Field(
         default_factory=list,
-        description="JSONL/Parquet files, `save_to_disk` directories or hub dataset names (relative paths "
-        "are resolved against the recipe file).",
+        description="Each entry: a .jsonl/.json/.parquet/.csv file, a folder saved with Dataset.save_to_disk "
+        "or DatasetDict.save_to_disk, a folder of such files (or laid out like a hub dataset repository), "
+        "or a dataset name such as 'openai/gsm8k' that datasets.load_dataset has already saved in the "
+        "local cache (resolved offline, see hf_offline). Relative paths are resolved against the recipe "
+        "file; entries are read in order and concatenated.",
     )
     eval_files: list[str] = Field(
-        default_factory=list, description="Held-out data, same forms as train_files."
+        default_factory=list,
+        description="Held-out data, same forms as train_files; read at eval_split (else split).",
+    )
+    split: str = Field(
+        "train", min_length=1, description="Split read from sources that have several (DatasetDict, names)."
+    )
+    eval_split: str | None = Field(
+        None,
+        min_length=1,
+        description="Split of the held-out data. Without eval_files, held-out rows are this split of "
+        "train_files (e.g. 'test'); null = eval_fraction of the training rows.",
+    )
+    dataset_config: str | None = Field(
+        None, description="Configuration of a named or hub-layout dataset (e.g. 'main' for GSM8K)."
+    )
+    hf_cache_dir: str | None = Field(
+        None, description="datasets cache to resolve dataset names from; null = HF_DATASETS_CACHE."
+    )
+    hf_offline: bool = Field(
+        True,
+        description="Resolve dataset names from the local cache only (datasets in HF_HUB_OFFLINE mode); "
+        "false lets datasets download them.",
+    )
+    columns: ColumnsConfig = Field(
+        default_factory=ColumnsConfig, description="Column mapping and answer extraction for other shapes."
     )
     generator: str | None = Field(
         None, description="Name of an offline task generator (e.g. 'tiny_arithmetic') used instead of files."
@@ -203,8 +298,30 @@ class CheckpointConfig(Section):
     )
 
 
+class WandbConfig(Section):
+    """Weights & Biases: every scalar metric, and a table of prompts, responses and rewards per evaluation."""
+
+    project: str = Field("kexaone-align", min_length=1, description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (user or team); null = the account's default.")
+    name: str | None = Field(None, description="Run name; null = the recipe's name, else the stage.")
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline",
+        description="'offline' writes the run under <dir>/wandb for `wandb sync` later (no network); "
+        "'online' streams to the W&B server (needs a login); 'disabled' logs nothing.",
+    )
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+    dir: str | None = Field(None, description="Folder W&B writes its wandb/ directory in; null = run_dir.")
+    table_rows: int = Field(
+        200, ge=0, description="Most rows of each evaluation's sample table (0 = no tables)."
+    )
+
+
 class LoggingConfig(Section):
     """Where metrics go."""
+
+    wandb: WandbConfig | None = Field(
+        None, description="Weights & Biases logging (needs the 'wandb' package); null = off."
+    )
 
     jsonl: bool = Field(True, description="Write metrics.jsonl in run_dir.")
     tensorboard: bool = Field(False, description="Write TensorBoard events in run_dir/tb.")

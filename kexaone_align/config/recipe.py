@@ -112,6 +112,16 @@ class Recipe(Section):
             raise ValueError("data: section is required")
         if not self.data.train_files and self.data.generator is None:
             raise ValueError("data: needs train_files or a generator")
+        cols = self.data.columns
+        mapped = cols.preset != "none" or cols.prompt is not None or cols.messages is not None
+        needs_task = self.stage != "sft" and cols.preset in ("none", "chat")
+        if mapped and needs_task and not (cols.task or cols.task_column):
+            raise ValueError(
+                "data.columns.task: rows mapped from columns need a verifier task for every row "
+                "(e.g. task: math) or a task_column"
+            )
+        if self.stage == "sft" and cols.preset == "none" and cols.prompt and not cols.response:
+            raise ValueError("data.columns.response: SFT from a prompt column needs the column to train on")
         if getattr(self, self.stage) is None:
             default = {"sft": SftConfig, "agapo": AgapoConfig, "grouper": GrouperConfig}[self.stage]()
             object.__setattr__(self, self.stage, default)

@@ -47,7 +47,11 @@ def recipe_summary(recipe: Recipe) -> str:
     lines.append(f"router:   {'frozen' if recipe.freeze_router else 'trained'}")
     data = recipe.data
     if data is not None:
-        src = f"generator {data.generator}" if data.generator else f"{len(data.train_files)} train file(s)"
+        src = f"generator {data.generator}" if data.generator else f"{len(data.train_files)} train source(s)"
+        if not data.generator:
+            src += f", split {data.split}" + (f" (held out: {data.eval_split})" if data.eval_split else "")
+            if data.columns.preset != "none" or data.columns.prompt or data.columns.messages:
+                src += f", columns preset {data.columns.preset}"
         lines.append(f"data:     {src}")
     learn = recipe.learners
     lines.append(

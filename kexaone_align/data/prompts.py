@@ -13,13 +13,14 @@ prompts it would have seen without the interruption.
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kexaone_align.data.columns import ColumnMap, map_prompt_row, suggest_preset
+from kexaone_align.data.sources import SourceOptions, read_rows
 from kexaone_align.errors import KexaoneError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -128,64 +129,29 @@ def parse_prompt_row(raw: Any, where: str) -> PromptRow:
     )
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _bad(where, f"is not valid JSON ({exc.msg})") from None
-
-
-def _raw_rows(source: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, Path)) for s in source):
-        for one in source:
-            yield from _raw_rows(one)
-        return
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise KexaoneError(f"prompt set {str(path)!r} does not exist or is not a file")
-        if path.suffix == ".jsonl":
-            yield from _read_jsonl(path)
-        elif path.suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise _bad(path.name, f"is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-            if not isinstance(data, list):
-                raise _bad(path.name, "a .json prompt set must hold a list of rows")
-            for i, raw in enumerate(data):
-                yield f"{path.name} row {i}", raw
-        elif path.suffix == ".parquet":
-            import datasets
-
-            for i, raw in enumerate(datasets.Dataset.from_parquet(str(path))):
-                yield f"{path.name} row {i}", raw
-        else:
-            raise KexaoneError(f"prompt set {path.name}: unsupported file type {path.suffix!r} (use .jsonl)")
-    else:
-        for i, raw in enumerate(source):
-            yield f"row {i}", raw
-
-
 def load_prompt_set(
     path_or_rows: str | Path | Sequence[str | Path] | Iterable[Mapping[str, Any]],
+    *,
+    columns: ColumnMap | None = None,
+    options: SourceOptions | None = None,
 ) -> list[PromptRow]:
-    """Load and validate a prompt set from ``.jsonl``/``.json``/``.parquet`` files or in-memory rows.
+    """Load and validate a prompt set from files, saved or cached datasets, or in-memory rows.
 
-    A list of files (a recipe's ``train_files``) is read in order; ids must be unique across all of them.
-
-    Every row needs ``messages`` (or ``prompt``) and ``task``; ids must be unique. Unknown top-level
-    fields are kept in ``metadata``.
+    Sources are those of ``data.sources.read_rows`` (``.jsonl``/``.json``/``.parquet``/``.csv`` files,
+    ``save_to_disk`` folders, dataset names from the local cache); ``options`` gives the split,
+    configuration and cache. A list of sources (a recipe's ``train_files``) is read in order; ids must be
+    unique across all of them. Rows are in the toolkit's format (``messages`` or ``prompt``, ``task``,
+    ``reference``; other fields kept in ``metadata``) unless ``columns`` maps another shape onto it.
     """
+    cm = columns or ColumnMap()
     rows: list[PromptRow] = []
     seen: dict[str, str] = {}
-    for where, raw in _raw_rows(path_or_rows):
-        row = parse_prompt_row(raw, where)
+    for where, raw in read_rows(path_or_rows, "prompt set", options):
+        try:
+            row = parse_prompt_row(map_prompt_row(raw, cm, where), where)
+        except KexaoneError as exc:
+            hint = suggest_preset(raw) if cm.native else ""
+            raise KexaoneError(f"{exc}{hint}") from None
         if row.id in seen:
             raise _bad(where, f"duplicate id {row.id!r} (first used at {seen[row.id]})")
         seen[row.id] = where

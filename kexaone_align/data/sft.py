@@ -8,15 +8,17 @@ file, line and field instead of as a schema error deep inside ``datasets``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 
+from kexaone_align.data.columns import ColumnMap, map_chat_row, suggest_preset
 from kexaone_align.data.prompts import check_messages
+from kexaone_align.data.sources import SourceOptions, read_rows
 from kexaone_align.errors import KexaoneError
 
 logger = logging.getLogger(__name__)
@@ -58,33 +60,14 @@ def _clean_message(message: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if v is not None}
 
 
-def _read_json_rows(path: Path) -> list[tuple[str, Any]]:
-    if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{path.name} line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise KexaoneError(
-                        f"chat dataset {path.name} line {lineno}: invalid JSON ({exc.msg})"
-                    ) from None
-        return rows
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise KexaoneError(
-            f"chat dataset {path.name}: invalid JSON ({exc.msg} at line {exc.lineno})"
-        ) from None
-    if not isinstance(data, list):
-        raise KexaoneError(f"chat dataset {path.name}: a .json file must hold a list of rows")
-    return [(f"{path.name} row {i}", row) for i, row in enumerate(data)]
-
-
-def _from_rows(rows: Iterable[tuple[str, Any]]) -> datasets.Dataset:
-    checked = [normalize_chat_row(row, where) for where, row in rows]
+def _from_rows(rows: Iterable[tuple[str, Any]], cm: ColumnMap) -> datasets.Dataset:
+    checked = []
+    for where, row in rows:
+        try:
+            checked.append(normalize_chat_row(map_chat_row(row, cm, where), where))
+        except KexaoneError as exc:
+            hint = suggest_preset(row) if cm.native else ""
+            raise KexaoneError(f"{exc}{hint}") from None
     if not checked:
         raise KexaoneError("chat dataset is empty")
     try:
@@ -93,76 +76,25 @@ def _from_rows(rows: Iterable[tuple[str, Any]]) -> datasets.Dataset:
         raise KexaoneError(f"chat dataset rows do not share one schema: {exc}") from None
 
 
-def _validated(ds: datasets.Dataset, name: str) -> datasets.Dataset:
-    for i, row in enumerate(ds):
-        normalize_chat_row(row, f"{name} row {i}")
-    return ds
-
-
-def _is_path_list(source: Any) -> bool:
-    return isinstance(source, (list, tuple)) and all(isinstance(s, (str, Path)) for s in source)
-
-
 def load_chat_dataset(
-    source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, Any]], *, split: str = "train"
+    source: str | Path | Sequence[str | Path] | Sequence[Mapping[str, Any]],
+    *,
+    split: str | None = None,
+    columns: ColumnMap | None = None,
+    options: SourceOptions | None = None,
 ) -> datasets.Dataset:
-    """Load conversations from a JSONL/JSON/Parquet file, a ``save_to_disk`` folder, rows, or a hub name.
+    """Load conversations from files, ``save_to_disk`` folders, cached dataset names, or rows.
 
-    A list of such sources (a recipe's ``train_files``) is loaded in order and concatenated.
-
+    Sources are those of ``data.sources.read_rows``; a list of them (a recipe's ``train_files``) is read
+    in order and concatenated. ``split`` (or ``options.split``) picks a split where a source has several.
+    ``columns`` maps other shapes (``prompt`` + ``response`` columns, a chat column) onto conversations.
     Every row is validated (roles system/user/assistant/tool, string contents, at least one assistant
-    turn); errors name the row. A hub name needs network access; offline, the error says so.
+    turn); errors name the row.
     """
-    if _is_path_list(source):
-        if not source:
-            raise KexaoneError("chat dataset: the list of files is empty")
-        return datasets.concatenate_datasets([load_chat_dataset(s, split=split) for s in source])
-    if not isinstance(source, (str, Path)):
-        return _from_rows((f"row {i}", row) for i, row in enumerate(source))
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix in (".jsonl", ".json"):
-            return _from_rows(_read_json_rows(path))
-        if path.suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(path))
-            return _from_rows((f"{path.name} row {i}", row) for i, row in enumerate(ds))
-        raise KexaoneError(
-            f"chat dataset {path.name}: unsupported file type {path.suffix!r} (jsonl/json/parquet)"
-        )
-    if path.is_dir():
-        return _load_dir(path, split)
-    if str(source).startswith((".", "/", "~")) or path.suffix in (".jsonl", ".json", ".parquet"):
-        raise KexaoneError(f"chat dataset {str(source)!r} does not exist")
-    return _load_hub(str(source), split)
-
-
-def _load_dir(path: Path, split: str) -> datasets.Dataset:
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise KexaoneError(f"chat dataset {path}: no split {split!r} (has {', '.join(loaded)})")
-            loaded = loaded[split]
-        return _validated(loaded, path.name)
-    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
-    if not files:
-        raise KexaoneError(
-            f"chat dataset {path}: folder has no save_to_disk dataset and no jsonl/json/parquet files"
-        )
-    parts = [load_chat_dataset(p) for p in files]
-    return datasets.concatenate_datasets(parts)
-
-
-def _load_hub(name: str, split: str) -> datasets.Dataset:
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as exc:
-        raise KexaoneError(
-            f"chat dataset {name!r}: not a local file or folder, and loading it from the Hugging Face hub "
-            f"failed ({type(exc).__name__}: {str(exc)[:200]}). Without network access, download it "
-            "elsewhere and pass a local JSONL/Parquet file or save_to_disk folder."
-        ) from None
-    return _validated(ds, name)
+    opts = options or SourceOptions()
+    if split is not None:
+        opts = replace(opts, split=split)
+    return _from_rows(read_rows(source, "chat dataset", opts), columns or ColumnMap())
 
 
 class TokenizedRows(list):

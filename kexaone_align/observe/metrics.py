@@ -1,4 +1,4 @@
-"""Per-step metrics: one JSON line per step in ``metrics.jsonl`` plus TensorBoard scalars.
+"""Per-step metrics: one JSON line per step in ``metrics.jsonl`` plus TensorBoard and W&B scalars.
 
 A run directory keeps every metric a stage logs, keyed by ``stage`` and ``step``, so plots and
 ``summary.json`` are derived from the JSONL file alone and a resumed run appends to it.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,14 @@ def _finite_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class MetricsLogger:
-    """Appends step metrics to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard events."""
+    """Appends step metrics to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard events and a
+    W&B run (``wandb``: an ``observe.wandb_logger.WandbSink``, closed with this logger)."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, jsonl: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | Path, *, tensorboard: bool = True, jsonl: bool = True, wandb: Any = None
+    ) -> None:
         self.run_dir = Path(run_dir)
+        self.wandb = wandb
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8") if jsonl else None
@@ -47,6 +52,30 @@ class MetricsLogger:
             for key, value in _finite_scalars(metrics).items():
                 self._tb.add_scalar(f"{stage}/{key}", value, global_step=int(step))
             self._tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(stage, int(step), metrics)
+
+    def log_table(self, stage: str, step: int, label: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Sample rows (prompt, response, reward, ...) of an evaluation; only W&B keeps tables."""
+        if self.wandb is not None:
+            self.wandb.log_table(stage, int(step), label, rows)
+
+    def drop_rows(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite ``metrics.jsonl`` with only the rows ``keep`` accepts (a resumed run drops what it
+        redoes); a torn last line is dropped too. The other sinks stay open."""
+        if self._jsonl is None or not self.jsonl_path.is_file():
+            return
+        self._jsonl.close()
+        kept = []
+        for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if keep(row):
+                kept.append(line + "\n")
+        self.jsonl_path.write_text("".join(kept), encoding="utf-8")
+        self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -55,6 +84,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
     def __enter__(self) -> MetricsLogger:
         return self

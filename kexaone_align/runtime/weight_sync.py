@@ -525,31 +525,41 @@ class WeightSync:
             target.finish_update(version)
         return nbytes, ntensors, nbuckets
 
+    def _live_targets(self) -> list[tuple[int, Any]]:
+        """(index, worker) of the targets a push goes to (the rollout pool's subclass leaves out the dead)."""
+        return list(enumerate(self.targets))
+
+    def _settle(self, acks: list[tuple[int, Any]]) -> list[Any]:
+        """Wait for the workers' acknowledgements of one bucket (or of the finish); a failure raises."""
+        import ray
+
+        return ray.get([ack for _, ack in acks])
+
     def _push_object_store(self, version: int, buckets: Iterable[Any]) -> tuple[int, int, int]:
         import ray
 
         nbytes = ntensors = nbuckets = 0
         kept: list[Any] = []
-        inflight: deque[list[Any]] = deque()
+        inflight: deque[list[tuple[int, Any]]] = deque()
 
-        def settle(acks: list[Any]) -> None:
+        def count(results: list[Any]) -> None:
             nonlocal nbytes, ntensors
-            results = ray.get(acks)
-            nbytes += int(results[0]["bytes"])
-            ntensors += int(results[0]["tensors"])
+            if results:  # every worker acknowledges the same bucket: count it once
+                nbytes += int(results[0]["bytes"])
+                ntensors += int(results[0]["tensors"])
 
         for bucket in buckets:
             ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
             if self.keep:
                 kept.append(ref)
-            inflight.append([w.update_weights.remote(version, ref) for w in self.targets])
+            inflight.append([(i, w.update_weights.remote(version, ref)) for i, w in self._live_targets()])
             nbuckets += 1
             del ref
             while len(inflight) >= self.max_inflight_buckets:
-                settle(inflight.popleft())
+                count(self._settle(inflight.popleft()))
         while inflight:
-            settle(inflight.popleft())
-        ray.get([w.finish_update.remote(version) for w in self.targets])
+            count(self._settle(inflight.popleft()))
+        self._settle([(i, w.finish_update.remote(version)) for i, w in self._live_targets()])
         self.kept = kept
         return nbytes, ntensors, nbuckets
 

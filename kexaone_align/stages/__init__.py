@@ -39,6 +39,10 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     each of its stages.
     """
     module = stage_module(recipe.stage)
+    if recipe.logging.wandb is not None:  # a missing optional package fails now, not after Ray starts
+        from kexaone_align.observe.wandb_logger import import_wandb
+
+        import_wandb()
     if recipe.stage == "pipeline":
         return module.run(recipe)
     from kexaone_align.stages.common import run_with_restarts

@@ -44,7 +44,6 @@ from kexaone_align.stages.common import (
 
 logger = logging.getLogger(__name__)
 VERIFY_WORKERS = 4
-VERIFY_TIMEOUT_S = 30.0
 
 
 def grade_with_verifiers(router: Any, samples: list[Any]) -> list[float]:
@@ -53,7 +52,9 @@ def grade_with_verifiers(router: Any, samples: list[Any]) -> list[float]:
 
     if not samples:
         return []
-    return score_batch(samples, router, max_workers=VERIFY_WORKERS, timeout_s=VERIFY_TIMEOUT_S).rewards
+    # Each sample gets its verifier's own worst case as its limit (score_batch's default), so a slow
+    # but legal program's verdict is kept and no sandbox outlives its grading thread.
+    return score_batch(samples, router, max_workers=VERIFY_WORKERS).rewards
 
 
 def advantages_for(rewards: torch.Tensor, zero_variance_filter: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,14 +106,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 pool.push_weights(learners, version, bucket_bytes)
                 synced = version
 
-            def evaluate(tag: str) -> dict[str, float]:
+            def evaluate(tag: str, label: str) -> dict[str, float]:
                 return rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=cfg.eval_samples_per_prompt,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
                     enable_thinking=roll.enable_thinking, tool_limits=tools,
+                    on_samples=functools.partial(run_.log_samples, label),
                 )  # fmt: skip
 
-            eval_before = state.get("eval_before") or evaluate("eval")
+            eval_before = state.get("eval_before") or evaluate("eval", "eval_before")
             run_.log_eval({f"eval_before/{k}": v for k, v in eval_before.items()})
             logger.warning("agapo: held-out accuracy before = %.3f", eval_before["accuracy"])
 
@@ -150,7 +152,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 sync()
                 trained = train_seconds()
                 started = time.perf_counter()
-                result = evaluate("eval")
+                result = evaluate("eval", "eval")
                 eval_seconds += time.perf_counter() - started
                 return {"eval/accuracy": result["accuracy"], "eval/train_seconds": trained}
 
@@ -211,7 +213,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 )
             trained = train_seconds()
             sync()
-            eval_after = evaluate("eval")
+            eval_after = evaluate("eval", "eval_after")
             final = {"eval/accuracy": eval_after["accuracy"], "eval/train_seconds": trained}
             run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()} | final)
             logger.warning("agapo: held-out accuracy after = %.3f", eval_after["accuracy"])

@@ -215,6 +215,7 @@ class StageRun:
 
     def __init__(self, recipe: Recipe, total_steps: int) -> None:
         from kexaone_align.observe import MetricsLogger
+        from kexaone_align.observe.wandb_logger import open_wandb
 
         if total_steps < 1:
             raise KexaoneError(f"stage {recipe.stage!r}: nothing to do (total_steps={total_steps})")
@@ -224,9 +225,16 @@ class StageRun:
         self.run_dir = recipe.resolved_run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_root = self.run_dir / CHECKPOINT_DIR
-        self.metrics = MetricsLogger(
-            self.run_dir, tensorboard=recipe.logging.tensorboard, jsonl=recipe.logging.jsonl
+        wandb = open_wandb(
+            recipe.logging.wandb,
+            run_dir=self.run_dir,
+            default_name=recipe.name or recipe.stage,
+            config=recipe.model_dump(mode="json"),
         )
+        self.metrics = MetricsLogger(
+            self.run_dir, tensorboard=recipe.logging.tensorboard, jsonl=recipe.logging.jsonl, wandb=wandb
+        )
+        self._tables: list[tuple[str, list[dict[str, Any]]]] = []
         self.step = 0
         self.resumed_from: Path | None = None
         self.started = time.perf_counter()
@@ -296,27 +304,11 @@ class StageRun:
     def _drop_metrics_after(self, step: int) -> None:
         """Drop this stage's metrics.jsonl rows past ``step``: a crashed run logged them, they are redone.
 
-        TensorBoard events are append-only and keep both; metrics.jsonl and the plots stay clean.
+        TensorBoard events are append-only and keep both; metrics.jsonl and the plots stay clean. A W&B run
+        is a new run per attempt, so it holds only what this attempt logs.
         """
-        from kexaone_align.observe import MetricsLogger
-
         _drop_rollouts_after(self.run_dir / ROLLOUTS_FILE, step)
-        path = self.metrics.jsonl_path
-        if not path.is_file():
-            return
-        self.metrics.close()
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the crash
-                continue
-            if row.get("stage") != self.stage or int(row.get("step", 0)) <= step:
-                kept.append(line + "\n")
-        path.write_text("".join(kept), encoding="utf-8")
-        self.metrics = MetricsLogger(
-            self.run_dir, tensorboard=self.recipe.logging.tensorboard, jsonl=self.recipe.logging.jsonl
-        )
+        self.metrics.drop_rows(lambda row: row.get("stage") != self.stage or int(row.get("step", 0)) <= step)
 
     # -- per step
     def log(self, metrics: dict[str, Any], *, advance: bool = True) -> None:
@@ -331,8 +323,17 @@ class StageRun:
             self.progress.update(metrics)
 
     def log_eval(self, metrics: dict[str, Any]) -> None:
-        """Record evaluation metrics at the current step (always written)."""
+        """Record evaluation metrics at the current step (always written), with the sample tables
+        ``log_samples`` kept since the last call."""
         self.metrics.log(self.stage, self.step, metrics)
+        for label, rows in self._tables:
+            self.metrics.log_table(self.stage, self.step, label, rows)
+        self._tables.clear()
+
+    def log_samples(self, label: str, rows: list[dict[str, Any]]) -> None:
+        """Keep an evaluation's sample rows (prompt, response, reward, ...); ``log_eval`` writes them at
+        the step its metrics are logged at (an evaluation can run before the step counter moves on)."""
+        self._tables.append((label, rows))
 
     def maybe_checkpoint(self, learners: Any, state: dict[str, Any] | None = None) -> Path | None:
         """Checkpoint when ``checkpoint.every_steps`` divides the current step (never at step 0)."""

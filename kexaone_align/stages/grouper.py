@@ -141,11 +141,12 @@ def run(recipe: Recipe) -> dict[str, Any]:
             total_sampled = int(state.get("sampled_prompts", 0))
             clock, eval_seconds = 0.0, 0.0  # the training loop's clock (set below); evaluations excluded
 
-            def evaluate(tag: str) -> dict[str, float]:
+            def evaluate(tag: str, label: str) -> dict[str, float]:
                 out = rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=1,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
                     enable_thinking=roll.enable_thinking, tool_limits=rl.tool_limits(recipe),
+                    on_samples=functools.partial(run_.log_samples, label),
                 )  # fmt: skip
                 # the mean preference reward: ``accuracy`` in the shared evaluator, ``reward`` here
                 return {"reward": out["accuracy"], **out}
@@ -156,7 +157,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 trained = time.perf_counter() - clock - eval_seconds
                 started = time.perf_counter()
                 pushed = served.learner_weights(version)
-                reward = evaluate("eval")["reward"]
+                reward = evaluate("eval", "eval")["reward"]
                 eval_seconds += time.perf_counter() - started
                 return pushed, {"eval/reward": reward, "eval/train_seconds": trained}
 
@@ -186,7 +187,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     count += len(fresh)
                 return count, {**metrics, **combine_rollout_metrics(parts)}
 
-            eval_before = state.get("eval_before") or evaluate("eval")
+            eval_before = state.get("eval_before") or evaluate("eval", "eval_before")
             run_.log_eval({f"eval_before/{k}": v for k, v in eval_before.items()})
             logger.warning("grouper: held-out preference reward before = %.3f", eval_before["reward"])
 
@@ -244,7 +245,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 run_.maybe_checkpoint(learners, {**resume, "sampled_prompts": total_sampled, **position})
             trained = time.perf_counter() - clock - eval_seconds
             served.learner_weights(version)
-            eval_after = evaluate("eval")
+            eval_after = evaluate("eval", "eval_after")
             final = {"eval/reward": eval_after["reward"], "eval/train_seconds": trained}
             run_.log_eval({f"eval_after/{k}": v for k, v in eval_after.items()} | final)
             logger.warning("grouper: held-out preference reward after = %.3f", eval_after["reward"])

@@ -8,9 +8,10 @@ functions below are module-level so Ray can pickle them to the learner actors.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +53,15 @@ def grouper_loss_fn(logprobs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor,
 
 # ------------------------------------------------------------------------------------------ prompts
 def load_prompt_rows(recipe: Any) -> tuple[list[PromptRow], list[PromptRow]]:
-    """(train, held-out) prompt rows of an RL stage: the offline generator, or ``train_files``/``eval_files``.
+    """(train, held-out) prompt rows of an RL stage: the offline generator, or ``train_files``/``eval_files``
+    (mapped by ``data.columns``).
 
-    Without ``eval_files``, the last ``data.eval_fraction`` of the (file-ordered) training rows is held out.
+    Without ``eval_files`` or ``eval_split``, the last ``data.eval_fraction`` of the (file-ordered) training
+    rows is held out.
     """
+    from kexaone_align.data.columns import ColumnMap
     from kexaone_align.data.prompts import load_prompt_set
+    from kexaone_align.data.sources import recipe_sources
 
     data = recipe.data
     if data is None:
@@ -74,9 +79,11 @@ def load_prompt_rows(recipe: Any) -> tuple[list[PromptRow], list[PromptRow]]:
         return load_prompt_set(train), load_prompt_set(held)
     if not data.train_files:
         raise KexaoneError(f"data: give train_files or a generator for stage {recipe.stage!r}")
-    train_rows = load_prompt_set(list(data.train_files))
-    if data.eval_files:
-        return train_rows, load_prompt_set(list(data.eval_files))
+    src = recipe_sources(data)
+    columns = ColumnMap.from_section(data.columns)
+    train_rows = load_prompt_set(src.train, columns=columns, options=src.train_options)
+    if src.held is not None:
+        return train_rows, load_prompt_set(src.held, columns=columns, options=src.held_options)
     n_held = max(1, int(len(train_rows) * data.eval_fraction))
     if n_held >= len(train_rows):
         raise KexaoneError(f"data: {len(train_rows)} prompt rows are too few to hold {n_held} out")
@@ -340,12 +347,14 @@ def evaluate(
     tag: str,
     enable_thinking: bool | None = None,
     tool_limits: Any = None,
+    on_samples: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
     """Held-out score by sampling (T=1.0, top-p 0.95): mean reward overall (``accuracy``) and per task.
 
     ``grade(samples) -> list[float]`` scores verifier samples (rule verifiers or the reward combiner).
     Calling it with the same ``tag`` and ``seed`` before and after training draws the same random
     numbers for each (prompt, sample), which takes sampling noise out of the before/after difference.
+    ``on_samples`` receives ``sample_rows`` of the graded responses (for the W&B sample table).
     """
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, seed=seed
@@ -356,6 +365,8 @@ def evaluate(
     groups = group_samples(rows, pool.generate(requests, sampling))
     rewards = grade_mixed(grade, verifier_samples(tokenizer, groups))
     assign_rewards(groups, rewards)
+    if on_samples is not None:
+        on_samples(sample_rows(groups))
     flat = [r for g in groups for r in g.rewards]
     out = {"accuracy": sum(flat) / len(flat) if flat else 0.0, "num_samples": float(len(flat))}
     out.update({k.split("/", 1)[1]: v for k, v in per_task_means(groups, "task").items()})
@@ -363,6 +374,25 @@ def evaluate(
     out["response_length"] = lengths.get("response_length", 0.0)
     out.update(episode_metrics(groups))
     return out
+
+
+def _prompt_text(messages: Sequence[dict[str, Any]]) -> str:
+    if len(messages) == 1:
+        return str(messages[0].get("content"))
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+
+
+def sample_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """One row per graded response: prompt id, task, prompt text, response, reward, reference."""
+    rows = []
+    for g in groups:
+        ref = g.row.reference
+        reference = ref if isinstance(ref, str) else json.dumps(ref, default=str)
+        prompt = _prompt_text(g.row.messages)
+        for text, reward in zip(g.texts, g.rewards, strict=True):
+            rows.append({"prompt_id": g.row.id, "task": g.row.task, "prompt": prompt, "response": text,
+                         "reward": float(reward), "reference": reference})  # fmt: skip
+    return rows
 
 
 def rollout_pool_for(recipe: Any, model_path: Any, learners: Any = None) -> RolloutPool:

@@ -42,9 +42,12 @@ ACCURACY_ROWS = 200  # held-out prompts answered greedily after training (tiny g
 def load_sft_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, held-out) chat rows from ``data``: the offline generator, or train/eval files.
 
-    Without ``eval_files``, ``data.eval_fraction`` of the training rows is held out.
+    Rows of other shapes are mapped by ``data.columns``. Without ``eval_files`` or ``eval_split``,
+    ``data.eval_fraction`` of the training rows is held out.
     """
+    from kexaone_align.data.columns import ColumnMap
     from kexaone_align.data.sft import load_chat_dataset, train_eval_split
+    from kexaone_align.data.sources import recipe_sources
 
     data = recipe.data
     if data is None:
@@ -61,9 +64,11 @@ def load_sft_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, 
         return train, held
     if not data.train_files:
         raise KexaoneError("data: give train_files or a generator for stage 'sft'")
-    ds = load_chat_dataset(list(data.train_files))
-    if data.eval_files:
-        held_ds = load_chat_dataset(list(data.eval_files))
+    src = recipe_sources(data)
+    columns = ColumnMap.from_section(data.columns)
+    ds = load_chat_dataset(src.train, columns=columns, options=src.train_options)
+    if src.held is not None:
+        held_ds = load_chat_dataset(src.held, columns=columns, options=src.held_options)
     else:
         ds, held_ds = train_eval_split(ds, data.eval_fraction, recipe.seed)
     return [dict(r) for r in ds], [dict(r) for r in held_ds]

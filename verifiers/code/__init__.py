@@ -2,7 +2,10 @@
 
 Modules: ``extract`` (find the program), ``sandbox`` (namespaces + rlimits jail, ``run_sandboxed``),
 ``nsinit`` (the supervisor inside the jail), ``harness`` (call-based runner inside the jail),
-``compare`` (output/value comparison in the verifier process), ``verifier`` (``CodeVerifier``).
+``checker`` / ``runner`` (assert-style tests and the program, two interpreters inside the jail),
+``asserts`` (their parent side), ``codec`` (typed JSON for values crossing processes), ``compare``
+(output/value comparison in the verifier process), ``verifier`` (``CodeVerifier``) and ``convert``
+(HumanEval / MBPP rows to task rows).
 Importing this package registers ``CodeVerifier`` under the name ``code``.
 """
 

@@ -2,13 +2,18 @@
 
 * stdin/stdout tests: outputs are equal when their lines match after trimming trailing whitespace on
   every line and blank lines at both ends (``\\r\\n`` counts as ``\\n``).
-* call-based tests: JSON-decoded return values are compared structurally; lists (JSON has no tuples)
-  element by element, dicts key by key, floats with a small relative/absolute tolerance, everything
-  booleans only equal booleans (``true`` is not ``1``), strings and null by ``==``.
+* call-based tests, ``compare: "python_eq"`` (the default): Python's ``==`` between the returned
+  value (decoded from typed JSON, so only built-in values) and the expected one, as the official
+  HumanEval / MBPP harnesses assert: ``1 == True`` passes, a list is not a tuple, floats are exact.
+* call-based tests, ``compare: "tolerant"``: the return value as JSON would carry it (tuples become
+  lists, dict keys strings; sets, bytes and complex numbers are unserializable), compared
+  structurally: lists element by element, dicts key by key, floats with a small relative/absolute
+  tolerance, booleans only equal booleans (``true`` is not ``1``), strings and null by ``==``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -45,3 +50,37 @@ def values_match(got: Any, expected: Any) -> bool:
     if isinstance(expected, str) and isinstance(got, str):
         return got == expected
     return False
+
+
+COMPARE_MODES = ("python_eq", "tolerant")
+
+
+def python_eq(got: Any, expected: Any) -> bool:
+    """Python's ``==`` on built-in values (``got`` comes from ``codec.decode``, never from the program)."""
+    try:
+        return bool(got == expected)
+    except Exception:  # e.g. comparisons nested too deeply
+        return False
+
+
+def json_like(value: Any) -> Any:
+    """``value`` as a JSON round trip would return it; ``TypeError`` for what JSON cannot carry."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [json_like(x) for x in value]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not (key is None or isinstance(key, str | int | float | bool)):
+                raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+            out[json.dumps(key) if not isinstance(key, str) else key] = json_like(item)
+        return out
+    raise TypeError(type(value).__name__)
+
+
+def results_match(got: Any, expected: Any, compare: str) -> bool:
+    """Compare a decoded return value with the expected one under ``compare`` (see module docstring)."""
+    if compare == "python_eq":
+        return python_eq(got, expected)
+    return values_match(json_like(got), expected)

@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from kexaone_align.errors import KexaoneError
@@ -59,6 +59,7 @@ _UID_BASE, _UID_SLOTS = 61000, 4000
 _SETUP_GRACE_S = 1.0
 _STDERR_CAP = 64 * 1024
 _DRAIN_S = 0.2
+_KILL_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -297,9 +298,12 @@ def run_sandboxed(
     script: str = "solution.py",
     python: str | None = None,
     mode: str | None = None,
+    on_line: Callable[[bytes], bool] | None = None,
 ) -> SandboxResult:
     """Run ``program`` (saved as ``solution.py``) with ``stdin``; ``files`` are extra files placed
-    next to it and ``script`` is the file Python runs. ``mode`` forces an isolation mode (tests)."""
+    next to it and ``script`` is the file Python runs. ``mode`` forces an isolation mode (tests).
+    ``on_line`` sees each complete stdout line as it arrives; when it returns True the run is ended
+    at once (``killed_reason`` "stopped"), e.g. at a test's first failure."""
     limits = limits or SandboxLimits()
     mode = mode or detect_isolation_mode()
     if mode not in _MODES:
@@ -365,7 +369,7 @@ def run_sandboxed(
             cmd = [_UNSHARE, "--user", "--map-root-user", *_NS_FLAGS, *init]
         else:
             cmd = init
-        result = _run_and_collect(cmd, stdin, limits, staging, mode, uid, token)
+        result = _run_and_collect(cmd, stdin, limits, staging, mode, uid, token, on_line)
         result.isolation = mode
         return result
     finally:
@@ -375,8 +379,20 @@ def run_sandboxed(
             _release_uid(uid)
 
 
+def run_time_bound_s(limits: SandboxLimits) -> float:
+    """Most wall seconds one ``run_sandboxed`` call can take: the limit, start-up grace, the kill."""
+    return limits.wall_s + _SETUP_GRACE_S + _KILL_WAIT_S + 1.0
+
+
 def _run_and_collect(
-    cmd: list[str], stdin: bytes, limits: SandboxLimits, staging: str, mode: str, uid: int | None, token: str
+    cmd: list[str],
+    stdin: bytes,
+    limits: SandboxLimits,
+    staging: str,
+    mode: str,
+    uid: int | None,
+    token: str,
+    on_line: Callable[[bytes], bool] | None = None,
 ) -> SandboxResult:
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -442,6 +458,8 @@ def _run_and_collect(
                         killed_reason = "output_limit"
                 else:
                     buf += chunk
+                if on_line is not None and buf is out and killed_reason is None:
+                    killed_reason = _feed_lines(out, len(out) - len(chunk), on_line)
             if killed_reason:
                 break
         if killed_reason is None:
@@ -474,7 +492,7 @@ def _run_and_collect(
     if killed_reason is None and b"MemoryError" in err:
         killed_reason = "memory"
     return SandboxResult(
-        exit_code=exit_code if killed_reason not in ("wall_time", "output_limit") else None,
+        exit_code=exit_code if killed_reason not in ("wall_time", "output_limit", "stopped") else None,
         stdout=bytes(out),
         stderr=bytes(err),
         timed_out=killed_reason == "wall_time",
@@ -485,6 +503,18 @@ def _run_and_collect(
         setup_error=status.get("setup_error"),
         extra={"maxrss_kb": status.get("maxrss_kb")},
     )
+
+
+def _feed_lines(out: bytearray, start: int, on_line: Callable[[bytes], bool]) -> str | None:
+    """Hand the lines completed since ``start`` to ``on_line``; "stopped" when it asks to stop."""
+    begin = out.rfind(b"\n", 0, max(start, 0)) + 1
+    end = out.rfind(b"\n")
+    if end < max(start, begin):
+        return None
+    for line in bytes(out[begin:end]).split(b"\n"):
+        if on_line(line):
+            return "stopped"
+    return None
 
 
 def _read_status(staging: str) -> dict:
@@ -506,7 +536,7 @@ def _terminate(proc: subprocess.Popen, staging: str, mode: str, uid: int | None,
             if init_pid:
                 _kill(init_pid)
         try:
-            proc.wait(timeout=2.0)
+            proc.wait(timeout=_KILL_WAIT_S)
         except subprocess.TimeoutExpired:
             _kill(-proc.pid)
             _kill(proc.pid)

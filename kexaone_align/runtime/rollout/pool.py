@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -374,45 +373,19 @@ class _KeepingSync(WeightSync):
         super().__init__(targets, transport=transport, keep=keep)  # type: ignore[arg-type]
         self.dead: dict[int, BaseException] = {}
 
-    def _push_object_store(self, version: int, buckets: Iterable[Any]) -> tuple[int, int, int]:
+    def _live_targets(self) -> list[tuple[int, Any]]:
+        return [(i, w) for i, w in enumerate(self.targets) if i not in self.dead]
+
+    def _settle(self, acks: list[tuple[int, Any]]) -> list[Any]:
         import ray
         from ray.exceptions import RayActorError
 
-        nbytes = ntensors = nbuckets = 0
-        kept: list[Any] = []
-        inflight: deque[list[tuple[int, Any]]] = deque()
-
-        def alive() -> list[tuple[int, Any]]:
-            return [(i, w) for i, w in enumerate(self.targets) if i not in self.dead]
-
-        def settle(acks: list[tuple[int, Any]]) -> list[Any]:
-            results = []
-            for i, ack in acks:
-                try:
-                    results.append(ray.get(ack))
-                except RayActorError as exc:  # a dead learner (the bucket's producer) is raised
-                    if not self.keep or not _died(exc, self.targets[i]):
-                        raise
-                    self.dead.setdefault(i, exc)
-            return results
-
-        def count(results: list[Any]) -> None:
-            nonlocal nbytes, ntensors
-            if results:
-                nbytes += int(results[0]["bytes"])
-                ntensors += int(results[0]["tensors"])
-
-        for bucket in buckets:
-            ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
-            if self.keep:
-                kept.append(ref)
-            inflight.append([(i, w.update_weights.remote(version, ref)) for i, w in alive()])
-            nbuckets += 1
-            del ref
-            while len(inflight) >= self.max_inflight_buckets:
-                count(settle(inflight.popleft()))
-        while inflight:
-            count(settle(inflight.popleft()))
-        settle([(i, w.finish_update.remote(version)) for i, w in alive()])
-        self.kept = kept
-        return nbytes, ntensors, nbuckets
+        results = []
+        for i, ack in acks:
+            try:
+                results.append(ray.get(ack))
+            except RayActorError as exc:  # a dead learner (the bucket's producer) is raised
+                if not self.keep or not _died(exc, self.targets[i]):
+                    raise
+                self.dead.setdefault(i, exc)
+        return results
