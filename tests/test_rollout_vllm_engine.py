@@ -20,6 +20,8 @@ from kexaone_align.runtime.rollout.vllm import VLLMRolloutBackend, on_cpu_build 
 from kexaone_align.runtime.weight_sync import bucketize  # noqa: E402
 
 PROMPT = [5, 17, 33, 40, 41, 9, 12]
+EPISODE = SamplingConfig(max_new_tokens=80, temperature=1.0, top_p=1.0, seed=11)
+FORCED = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 7"}}</tool_call>'
 pytestmark = pytest.mark.slow
 
 
@@ -33,7 +35,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(checkpoints):
-    backend = VLLMRolloutBackend(checkpoints[0], dtype="float32", max_model_len=256, seed=0)
+    backend = VLLMRolloutBackend(checkpoints[0], dtype="float32", max_model_len=512, seed=0)
     yield backend
     backend.shutdown()
 
@@ -88,6 +90,59 @@ def test_processed_logprobs_equal_a_transformers_forward(engine, checkpoints, te
     first = assert_engine_serves(engine, checkpoints[0], sampling)
     again = engine.generate([RolloutRequest("r", PROMPT, num_samples=3)], sampling)
     assert [s.token_ids for s in again] == [s.token_ids for s in first], "same seed, same tokens"
+
+
+def test_multi_turn_tool_episode_matches_a_transformers_forward(engine, checkpoints):
+    """The episode driver over vLLM's generate: policy tokens' log-probs equal a transformers forward of
+    the whole episode text; environment tokens carry none; fixed per-turn seeds replay the episode."""
+    from transformers import AutoModelForCausalLM
+
+    from kexaone_align.data.prompts import parse_prompt_row
+    from kexaone_align.models import load_tokenizer
+    from kexaone_align.runtime.rollout.base import RolloutSample
+    from kexaone_align.runtime.rollout.episodes import run_episodes
+    from kexaone_align.runtime.rollout.sampling import processed_logprobs as sampler_logprobs
+    from kexaone_align.stages import rl
+
+    path = checkpoints[0]
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    forced = tok(FORCED, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def logp_of(ids: list[int], n_prompt: int) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+        logp = sampler_logprobs(logits[n_prompt - 1 : -1], EPISODE.temperature, EPISODE.top_p)
+        return logp.gather(1, torch.tensor(ids[n_prompt:])[:, None]).squeeze(1)
+
+    class FirstTurnForced:  # turn 0 is a fixed tool call; later turns are sampled by vLLM
+        policy_version = 0
+
+        def generate(self, requests, sampling):
+            real = iter(engine.generate([r for r in requests if not r.request_id.endswith("#t0")], sampling))
+            out = []
+            for r in requests:
+                if r.request_id.endswith("#t0"):
+                    lps = logp_of(r.prompt_token_ids + forced, len(r.prompt_token_ids)).tolist()
+                    out.append(RolloutSample(r.request_id, 0, r.prompt_token_ids, forced, lps, "stop", 0))
+                else:
+                    out.append(next(real))
+            return out
+
+    raw = {"id": "q", "messages": [{"role": "user", "content": "What is 12 * 7?"}], "task": "math",
+           "reference": "84", "environment": "calculator", "enable_thinking": False}  # fmt: skip
+    (req,) = rl.build_requests(tok, [parse_prompt_row(raw, "q")], 2, "v")
+    samples = run_episodes(FirstTurnForced(), [req], EPISODE, tok)
+    again = run_episodes(FirstTurnForced(), [req], EPISODE, tok)
+    assert [s.token_ids for s in samples] == [s.token_ids for s in again]  # fixed per-turn seeds
+    for s in samples:
+        assert s.metadata["episode"]["tool_calls"] == 1 and len(s.token_ids) <= EPISODE.max_new_tokens
+        mask = torch.tensor(s.policy_mask, dtype=torch.bool)
+        assert mask[: len(forced)].all() and not mask.all() and mask[-1]
+        want = logp_of(s.prompt_token_ids + s.token_ids, len(s.prompt_token_ids))
+        got = torch.tensor(s.logprobs)
+        assert torch.allclose(got[mask], want[mask], atol=1e-4), (got[mask] - want[mask]).abs().max()
+        assert torch.all(got[~mask] == 0)
 
 
 def test_weight_push_in_many_buckets_is_served_exactly(engine, checkpoints):
