@@ -347,9 +347,44 @@ def test_run_with_restarts_retries_ray_failures_from_the_newest_checkpoint_only(
 
     # Errors a rerun would repeat are raised at once: user errors (also raised inside a Ray task) and
     # plain exceptions of the driver.
-    user_error = RayTaskError("train_step", "traceback", KexaoneError("bad batch")).as_instanceof_cause()
-    for failure in (KexaoneError("bad recipe"), user_error, ValueError("driver bug")):
+    def in_task(cause: BaseException) -> BaseException:
+        return RayTaskError("train_step", "traceback", cause).as_instanceof_cause()
+
+    user_error = in_task(KexaoneError("bad batch"))
+    deterministic = [in_task(ValueError("bad row")), in_task(KeyError("advantages")), in_task(TypeError("x"))]
+    for failure in (KexaoneError("bad recipe"), user_error, ValueError("driver bug"), *deterministic):
         stage, seen = scripted(failure)
         with pytest.raises(type(failure)):
             run_with_restarts(stage, recipe)
         assert len(seen) == 1, failure
+
+
+def test_only_infrastructure_failures_are_restartable() -> None:
+    """A task's own ValueError (bad data) repeats on a rerun; a dead actor, a lost node or a collective
+    whose peer died does not."""
+    import torch.distributed as dist
+    from ray.exceptions import (
+        ActorDiedError,
+        NodeDiedError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
+
+    from kexaone_align.stages.common import is_restartable
+
+    def in_task(cause: BaseException) -> BaseException:
+        return RayTaskError("train_step", "traceback", cause).as_instanceof_cause()
+
+    infrastructure = [
+        ActorDiedError(), NodeDiedError("node lost"), WorkerCrashedError(), in_task(ActorDiedError()),
+        in_task(dist.DistBackendError("peer gone")), in_task(RuntimeError("[gloo] Connection closed")),
+        in_task(ConnectionResetError()),
+    ]  # fmt: skip
+    for exc in infrastructure:
+        assert is_restartable(exc), exc
+    deterministic = [
+        in_task(ValueError("reward is NaN")), in_task(KexaoneError("bad batch")), in_task(KeyError("k")),
+        in_task(RuntimeError("shape mismatch")), ValueError("driver"), KexaoneError("recipe"),
+    ]  # fmt: skip
+    for exc in deterministic:
+        assert not is_restartable(exc), exc
