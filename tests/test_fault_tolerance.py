@@ -388,3 +388,36 @@ def test_only_infrastructure_failures_are_restartable() -> None:
     ]  # fmt: skip
     for exc in deterministic:
         assert not is_restartable(exc), exc
+
+
+@pytest.mark.slow
+def test_pipelined_periodic_eval_replaces_a_worker_hung_on_the_in_flight_rollout(
+    tmp_path: Path, verifier_file: Path
+) -> None:
+    """Pipelined AGAPO evaluates after step 1 while step 2's rollout is in flight. A worker hung on that
+    rollout is replaced after rollout.job_timeout_s, as in any other wait on rollouts (the evaluation
+    used to wait for it with no time limit)."""
+    import time
+
+    from kexaone_align.stages import run_recipe
+
+    submits: list[int] = []
+
+    def hang_after_step_1(pool: Any, jobs: list[Any]) -> None:
+        submits.append(len(jobs))
+        if len(submits) == 2:  # 1: the evaluation before training; 2: step 1's rollout
+            jobs[0].actor.__ray_call__.remote(lambda _self: time.sleep(400))  # step 2's queues behind it
+
+    recipe = _recipe(
+        tmp_path / "run", verifier_file, "agapo.steps=2", "rollout.max_staleness=1",
+        "agapo.eval_every_steps=1", "rollout.job_timeout_s=40", "checkpoint.every_steps=0",
+    )  # fmt: skip
+    started = time.monotonic()
+    with faults.injected("rollout.submitted", hang_after_step_1):
+        summary = run_recipe(recipe)
+    assert time.monotonic() - started < 300, "the evaluation waited for the hung worker"
+    steps = _steps(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2] and summary["steps"] == 2
+    assert steps[1]["rollout/worker_restarts"] == 1.0
+    evals = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in r and r["step"] == 1 for r in evals)
