@@ -178,3 +178,39 @@ def test_learner_train_step_reports_on_policy_ratio_and_true_extremes(model, tmp
     assert learner.advance_lr_schedule() == pytest.approx(1e-2)  # the LR step 3 would have used
     third = learner.train_step(batch, lambda lp, b: rl.agapo_loss_fn(lp, b, is_cap=2.0))
     assert third["lr"] == pytest.approx(cfg.lr_multiplier()(3) * 1e-2)
+
+
+def test_vllm_logprobs_mode_follows_the_ratio_distribution():
+    from kexaone_align.errors import KexaoneError
+    from kexaone_align.runtime.rollout.vllm import delivers, engine_logprobs_mode, vllm_engine_kwargs
+
+    assert engine_logprobs_mode("sampler", 0.7, 0.9) == "processed_logprobs"
+    assert engine_logprobs_mode("model_at_temperature", 1.0, 0.95) == "raw_logprobs"  # the paper's T
+    assert engine_logprobs_mode("model_at_temperature", 0.7, 1.0) == "processed_logprobs"  # untruncated
+    with pytest.raises(KexaoneError, match="ratio_distribution=model_at_temperature"):
+        engine_logprobs_mode("model_at_temperature", 0.7, 0.9)
+    assert vllm_engine_kwargs("m", logprobs_mode="raw_logprobs")["logprobs_mode"] == "raw_logprobs"
+
+    def asks(kind, t, p, k=-1):
+        return SamplingConfig(temperature=t, top_p=p, top_k=k, logprobs=kind)
+
+    assert delivers("raw_logprobs", asks("model_at_temperature", 1.0, 0.95))
+    assert not delivers("raw_logprobs", asks("sampler", 1.0, 0.95))
+    assert not delivers("processed_logprobs", asks("model_at_temperature", 1.0, 0.95))
+    assert delivers("processed_logprobs", asks("model_at_temperature", 0.6, 1.0))
+    assert delivers("raw_logprobs", asks(None, 0.6, 0.9))  # evaluation reads no log-probs
+
+
+def test_recipe_refuses_what_vllm_cannot_report(tmp_path):
+    from pathlib import Path
+
+    from kexaone_align.config import load_recipe
+    from kexaone_align.errors import KexaoneError
+
+    tiny = Path(__file__).parents[1] / "recipes/tiny/agapo.yaml"
+    base = ["rollout.backend=vllm", f"run_dir={tmp_path}"]
+    with pytest.raises(KexaoneError, match="ratio_distribution"):
+        load_recipe(tiny, [*base, "rollout.temperature=0.7", "rollout.top_p=0.9"])
+    ok = load_recipe(tiny, [*base, "rollout.temperature=0.7", "agapo.ratio_distribution=sampler"])
+    assert ok.agapo.ratio_distribution == "sampler"
+    assert load_recipe(tiny, base).agapo.ratio_distribution == "model_at_temperature"  # T = 1.0 is fine
