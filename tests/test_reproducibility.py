@@ -1,5 +1,8 @@
 """Fixed seed, fixed run: the same short AGAPO stage twice on one machine gives identical metrics.
 
+The stage is pipelined (rollouts overlap learning) with two rollout workers and a periodic evaluation,
+so Ray's scheduling of concurrent work has room to matter, and must not.
+
 Everything a step logs is compared exactly (rewards, losses, gradient norms, importance ratios, the
 sampled responses), except what measures time: seconds, throughput and time-to-accuracy clocks.
 """
@@ -37,6 +40,7 @@ def _run(run_dir: Path, verifier: Path) -> tuple[list[dict], list[dict], dict]:
     overrides = [
         "agapo.steps=2", "agapo.prompts_per_step=2", "agapo.group_size=4", "agapo.lr=1e-3",
         "agapo.eval_every_steps=1", "rollout.max_new_tokens=6", "rollout.temperature=0.8",
+        "rollout.num_workers=2", "rollout.max_staleness=1",
         "data.num_train=16", "data.num_eval=2", f"verifiers.math={verifier}:parity",
         "checkpoint.export=false", "logging.save_rollouts=true", "logging.progress_bar=false",
         "logging.plots=false", "logging.tensorboard=false", f"run_dir={run_dir}",
