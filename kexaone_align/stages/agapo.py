@@ -14,7 +14,14 @@ is what a time-to-accuracy measurement reads.
 Off-policy pipelining: with ``rollout.max_staleness >= 1`` the rollout for step k+1 is launched
 before learning on step k (and weights reach the workers one step later), so every sample is one
 version old; groups more than ``max_staleness`` versions old are dropped and counted. With 0 the
-loop is synchronous. A step whose prompts all have zero reward variance takes no learner step.
+loop is synchronous. A step whose prompts all have zero reward variance takes no learner step, but
+its LR-schedule step (the schedule is sized in ``agapo.steps``).
+
+The importance ratio compares the rollout's and the learner's probability of each sampled token under
+one distribution, ``agapo.ratio_distribution`` (``algorithms.agapo`` explains both against Eq. 1): the
+rollout workers report it (``SamplingConfig.logprobs``) and the learners compute it at the rollout
+temperature (``rl.agapo_sampling``). Each step logs the mismatch: ratio min / mean / max over every
+response token, the truncated fraction and the k3 KL estimate.
 """
 
 from __future__ import annotations
