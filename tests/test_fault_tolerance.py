@@ -406,7 +406,7 @@ def test_pipelined_periodic_eval_replaces_a_worker_hung_on_the_in_flight_rollout
     def hang_after_step_1(pool: Any, jobs: list[Any]) -> None:
         submits.append(len(jobs))
         if len(submits) == 2:  # 1: the evaluation before training; 2: step 1's rollout
-            jobs[0].actor.__ray_call__.remote(lambda _self: time.sleep(400))  # step 2's queues behind it
+            jobs[0].actor.__ray_call__.remote(lambda _self: time.sleep(900))  # step 2's queues behind it
 
     recipe = _recipe(
         tmp_path / "run", verifier_file, "agapo.steps=2", "rollout.max_staleness=1",
@@ -415,9 +415,10 @@ def test_pipelined_periodic_eval_replaces_a_worker_hung_on_the_in_flight_rollout
     started = time.monotonic()
     with faults.injected("rollout.submitted", hang_after_step_1):
         summary = run_recipe(recipe)
-    assert time.monotonic() - started < 300, "the evaluation waited for the hung worker"
     steps = _steps(tmp_path / "run")
     assert [r["step"] for r in steps] == [1, 2] and summary["steps"] == 2
-    assert steps[1]["rollout/worker_restarts"] == 1.0
+    # replaced after the job timeout, not waited for until the stall ended
+    assert steps[1]["rollout/worker_restarts"] == 1.0, "the evaluation waited for the hung worker"
+    assert time.monotonic() - started < 900
     evals = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in r and r["step"] == 1 for r in evals)
