@@ -394,9 +394,10 @@ def test_only_infrastructure_failures_are_restartable() -> None:
 def test_pipelined_periodic_eval_replaces_a_worker_hung_on_the_in_flight_rollout(
     tmp_path: Path, verifier_file: Path
 ) -> None:
-    """Pipelined AGAPO evaluates after step 1 while step 2's rollout is in flight. A worker hung on that
-    rollout is replaced after rollout.job_timeout_s, as in any other wait on rollouts (the evaluation
-    used to wait for it with no time limit)."""
+    """Pipelined AGAPO evaluates after step 1 while step 2's rollout is in flight. Worker 0 hangs right
+    after its step-1 job: the pool's throughput query after step 1 and step 2's rollout both wait on it.
+    Both are bounded by rollout.job_timeout_s and the worker is replaced (the evaluation used to wait on
+    the rollout, and collect on the query, with no time limit)."""
     import time
 
     from kexaone_align.stages import run_recipe
