@@ -139,7 +139,37 @@ def test_agapo_loss_rejects_bad_inputs():
 def test_importance_ratio_stats():
     lp = torch.tensor([[0.0, 0.0, 0.0]])
     rollout = torch.tensor([[0.0, -1.0, -5.0]])
-    stats = agapo.importance_ratio_stats(lp, rollout, torch.tensor([[1, 1, 0]]), 2.0)
-    assert stats["is_ratio_max"] == pytest.approx(math.e)
+    partial = agapo.importance_ratio_stats(lp, rollout, torch.tensor([[1, 1, 0]]), 2.0)
+    stats = agapo.summarize_ratio_stats(partial)
+    assert stats["is_ratio_max"] == pytest.approx(math.e) and stats["is_ratio_min"] == pytest.approx(1.0)
     assert stats["is_ratio_mean"] == pytest.approx((1 + math.e) / 2)
     assert stats["is_truncated_frac"] == pytest.approx(0.5)
+    # k3 = (rho - 1) - log rho per token: 0 for the on-policy token, e - 2 for the other
+    assert stats["mismatch_kl_k3"] == pytest.approx((math.e - 2) / 2)
+    assert agapo.importance_ratio_stats(lp, rollout, torch.zeros(1, 3), 2.0) == {}
+
+
+# Rewards a judge's weighted means produce: equal up to float noise. Each of these failed when rewards
+# were compared with ==.
+NEAR_TIED = torch.tensor(
+    [[0.5, 0.5 + 1e-9, 0.5, 0.5 - 1e-9], [0.1 + 0.2, 0.3, 0.3, 0.3], [0.7, 0.7, 0.7, 0.7]],
+    dtype=torch.float64,
+)
+
+
+def test_zero_variance_mask_treats_near_tied_rewards_as_tied():
+    assert agapo.zero_variance_mask(NEAR_TIED).tolist() == [False, False, False]
+    assert agapo.zero_variance_mask(NEAR_TIED.float()).tolist() == [False, False, False]
+    spread = torch.tensor([[0.5, 0.5 + 1e-5, 0.5, 0.5]], dtype=torch.float64)
+    assert agapo.zero_variance_mask(spread).tolist() == [True]  # a real (if small) difference is kept
+    keep, adv = agapo.agapo_advantages(torch.cat([NEAR_TIED, torch.tensor([[0.0, 1.0, 0.0, 1.0]])]))
+    assert keep.tolist() == [False, False, False, True] and adv.shape == (1, 4)
+
+
+def test_global_normalize_does_not_blow_up_float_noise():
+    noise = agapo.leave_one_out_advantages(NEAR_TIED[:1])  # entries ~1e-9 apart
+    out = agapo.global_normalize(noise)
+    assert torch.equal(out, torch.zeros_like(noise))
+    assert agapo.global_normalize(torch.tensor([1e-9, -1e-9, 3e-9])).abs().max() == 0
+    signal = agapo.global_normalize(torch.tensor([[0.0, 1.0, 0.0, 1.0]]))
+    assert signal.std().item() == pytest.approx(1.0)

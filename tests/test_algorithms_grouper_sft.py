@@ -23,6 +23,19 @@ def test_preference_advantages_tied_group_is_zero_not_nan():
     assert adv[1].tolist() == [1.0, -1.0, 1.0, -1.0]
 
 
+def test_preference_advantages_near_tied_group_has_no_preference():
+    # Equal up to float noise (a judge's weighted means): +1 / -1 advantages when compared with ==.
+    near = torch.tensor([[0.5, 0.5 + 1e-9, 0.5 - 1e-9, 0.5], [0.1 + 0.2, 0.3, 0.3, 0.3]], dtype=torch.float64)
+    assert torch.equal(grouper.preference_advantages(near), torch.zeros_like(near))
+    assert torch.equal(grouper.preference_advantages(near.float()), torch.zeros(2, 4))
+    # noise on top of a real difference does not matter: the two 0.5s are the same preference
+    mixed = torch.tensor([[0.5, 0.5 + 1e-9, 1.0]], dtype=torch.float64)
+    adv = grouper.preference_advantages(mixed)
+    assert adv[0, 2].item() == pytest.approx(1.0) and adv[0, :2].tolist() == pytest.approx(
+        [-1.0, -1.0], abs=1e-6
+    )
+
+
 def test_preference_advantages_group_of_two():
     adv = grouper.preference_advantages(torch.tensor([[0.2, 0.8]]))
     torch.testing.assert_close(adv, torch.tensor([[-1.0, 1.0]]))

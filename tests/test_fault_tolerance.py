@@ -347,9 +347,79 @@ def test_run_with_restarts_retries_ray_failures_from_the_newest_checkpoint_only(
 
     # Errors a rerun would repeat are raised at once: user errors (also raised inside a Ray task) and
     # plain exceptions of the driver.
-    user_error = RayTaskError("train_step", "traceback", KexaoneError("bad batch")).as_instanceof_cause()
-    for failure in (KexaoneError("bad recipe"), user_error, ValueError("driver bug")):
+    def in_task(cause: BaseException) -> BaseException:
+        return RayTaskError("train_step", "traceback", cause).as_instanceof_cause()
+
+    user_error = in_task(KexaoneError("bad batch"))
+    deterministic = [in_task(ValueError("bad row")), in_task(KeyError("advantages")), in_task(TypeError("x"))]
+    for failure in (KexaoneError("bad recipe"), user_error, ValueError("driver bug"), *deterministic):
         stage, seen = scripted(failure)
         with pytest.raises(type(failure)):
             run_with_restarts(stage, recipe)
         assert len(seen) == 1, failure
+
+
+def test_only_infrastructure_failures_are_restartable() -> None:
+    """A task's own ValueError (bad data) repeats on a rerun; a dead actor, a lost node or a collective
+    whose peer died does not."""
+    import torch.distributed as dist
+    from ray.exceptions import (
+        ActorDiedError,
+        NodeDiedError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
+
+    from kexaone_align.stages.common import is_restartable
+
+    def in_task(cause: BaseException) -> BaseException:
+        return RayTaskError("train_step", "traceback", cause).as_instanceof_cause()
+
+    infrastructure = [
+        ActorDiedError(), NodeDiedError("node lost"), WorkerCrashedError(), in_task(ActorDiedError()),
+        in_task(dist.DistBackendError("peer gone")), in_task(RuntimeError("[gloo] Connection closed")),
+        in_task(ConnectionResetError()),
+    ]  # fmt: skip
+    for exc in infrastructure:
+        assert is_restartable(exc), exc
+    deterministic = [
+        in_task(ValueError("reward is NaN")), in_task(KexaoneError("bad batch")), in_task(KeyError("k")),
+        in_task(RuntimeError("shape mismatch")), ValueError("driver"), KexaoneError("recipe"),
+    ]  # fmt: skip
+    for exc in deterministic:
+        assert not is_restartable(exc), exc
+
+
+@pytest.mark.slow
+def test_pipelined_periodic_eval_replaces_a_worker_hung_on_the_in_flight_rollout(
+    tmp_path: Path, verifier_file: Path
+) -> None:
+    """Pipelined AGAPO evaluates after step 1 while step 2's rollout is in flight. Worker 0 hangs right
+    after its step-1 job: the pool's throughput query after step 1 and step 2's rollout both wait on it.
+    Both are bounded by rollout.job_timeout_s and the worker is replaced (the evaluation used to wait on
+    the rollout, and collect on the query, with no time limit)."""
+    import time
+
+    from kexaone_align.stages import run_recipe
+
+    submits: list[int] = []
+
+    def hang_after_step_1(pool: Any, jobs: list[Any]) -> None:
+        submits.append(len(jobs))
+        if len(submits) == 2:  # 1: the evaluation before training; 2: step 1's rollout
+            jobs[0].actor.__ray_call__.remote(lambda _self: time.sleep(900))  # step 2's queues behind it
+
+    recipe = _recipe(
+        tmp_path / "run", verifier_file, "agapo.steps=2", "rollout.max_staleness=1",
+        "agapo.eval_every_steps=1", "rollout.job_timeout_s=40", "checkpoint.every_steps=0",
+    )  # fmt: skip
+    started = time.monotonic()
+    with faults.injected("rollout.submitted", hang_after_step_1):
+        summary = run_recipe(recipe)
+    steps = _steps(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2] and summary["steps"] == 2
+    # replaced after the job timeout, not waited for until the stall ended
+    assert steps[1]["rollout/worker_restarts"] == 1.0, "the evaluation waited for the hung worker"
+    assert time.monotonic() - started < 900
+    evals = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in r and r["step"] == 1 for r in evals)

@@ -225,3 +225,33 @@ def test_engine_in_a_ray_actor_is_replaced_when_it_dies(checkpoints):
         pool.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_raw_logprobs_engine_reports_the_model_at_temperature_one(checkpoints):
+    """``agapo.ratio_distribution: model_at_temperature`` at T = 1 with top-p 0.95: an engine started with
+    ``logprobs_mode="raw_logprobs"`` reports the untruncated softmax of the model, what the learner
+    computes, not the nucleus-renormalised one (which is larger for every sampled token)."""
+    from transformers import AutoModelForCausalLM
+
+    engine = VLLMRolloutBackend(
+        checkpoints[0], dtype="float32", max_model_len=256, seed=0, logprobs_mode="raw_logprobs"
+    )
+    try:
+        sampling = SamplingConfig(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=3,
+                                  logprobs="model_at_temperature")  # fmt: skip
+        samples = engine.generate([RolloutRequest("r", PROMPT, num_samples=3)], sampling)
+        with pytest.raises(KexaoneError, match="reports raw_logprobs"):
+            engine.generate(
+                [RolloutRequest("s", PROMPT)], SamplingConfig(temperature=1.0, logprobs="sampler")
+            )
+    finally:
+        engine.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[0], dtype=torch.float32).eval()
+    for s in samples:
+        ids = s.prompt_token_ids + s.token_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = logp[torch.arange(len(PROMPT) - 1, len(ids) - 1), torch.tensor(s.token_ids)]
+        assert torch.allclose(torch.tensor(s.logprobs), want, atol=1e-5)
+        nucleus = processed_logprobs(model, ids, len(PROMPT), 1.0, 0.95)
+        assert (nucleus - want).max() > 1e-3  # the other choice would differ

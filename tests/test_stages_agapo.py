@@ -110,7 +110,8 @@ def test_pipelined_agapo_step_learns_logs_and_keeps_router_frozen(tmp_path, veri
     assert 0.0 <= summary["eval_before"]["accuracy"] <= 1.0 and "accuracy" in summary["eval_after"]
     assert len(steps) == 3 and summary["policy_version"] == 3 - summary["skipped_steps"] >= 1
     learned = [m for m in steps if "loss" in m]
-    for key in ("is_ratio_mean", "is_ratio_max", "is_truncated_frac", "learner_tokens_per_s", "grad_norm"):
+    ratio_keys = ("is_ratio_mean", "is_ratio_min", "is_ratio_max", "is_truncated_frac", "mismatch_kl_k3")
+    for key in (*ratio_keys, "learner_tokens_per_s", "grad_norm"):
         assert all(key in m for m in learned), key
     for key in ("reward/math", "zero_variance_frac", "response_length", "staleness", "rollout/tokens_per_s"):
         assert all(key in m for m in steps), key
@@ -121,8 +122,13 @@ def test_pipelined_agapo_step_learns_logs_and_keeps_router_frozen(tmp_path, veri
     assert sum(m["dropped_stale"] for m in steps) == 0
     synced = [m for m in steps if "weight_sync/seconds" in m]
     assert synced and all(m["weight_sync/gb_per_s"] > 0 for m in synced)
-    # Same sampling at T=1: the importance ratio of a fresh rollout is about 1 (<= 1 up to top-p mass).
-    assert 0.5 < learned[0]["is_ratio_mean"] <= 1.0 + 1e-4
+    # The first batch is on-policy and both sides of the ratio are the model at T (ratio_distribution
+    # model_at_temperature): rho is 1 on every token, not the top-p mass it was before.
+    if steps[0].get("loss") is not None:
+        assert steps[0]["is_ratio_min"] == pytest.approx(1.0, abs=1e-4)
+        assert steps[0]["is_ratio_max"] == pytest.approx(1.0, abs=1e-4)
+        assert steps[0]["mismatch_kl_k3"] == pytest.approx(0.0, abs=1e-6)
+    assert not any(k.endswith("_sum") for m in steps for k in m)  # partials are summarised, not logged
 
     init = load_policy(tmp_path / "run/init").state_dict()
     after_model = load_policy(summary["export"])
@@ -140,9 +146,16 @@ def test_synchronous_agapo_skips_all_filtered_step_cleanly(tmp_path, verifier_fi
     text = verifier_file.read_text().replace("SKIP = 0", "SKIP = 10")
     skip_file = tmp_path / "skip_verifier.py"
     skip_file.write_text(text)
-    summary, steps = _run_agapo(tmp_path, f"{skip_file}:zero_first", "rollout.max_staleness=0")
+    summary, steps = _run_agapo(
+        tmp_path, f"{skip_file}:zero_first", "rollout.max_staleness=0", "learners.warmup_steps=3"
+    )
     first = steps[0]
     assert first["zero_variance_frac"] == 1.0 and first["skipped"] == 1.0 and "loss" not in first
+    # The LR schedule is sized in stage steps: the skipped step 1 still takes warmup step 1 of 3, so the
+    # next steps train at 2/3 and 3/3 of the peak (before, step 2 trained at 1/3).
+    assert first["lr"] == pytest.approx(1e-3 / 3)
+    for m in steps:  # every step, taken or skipped, logs the LR of its own place in the schedule
+        assert m["lr"] == pytest.approx(1e-3 * min(1.0, m["step"] / 3)), m["step"]
     assert "weight_sync/seconds" not in first  # nothing new to push after a skipped step
     assert summary["skipped_steps"] >= 1 and summary["filtered_prompts"] >= 2
     assert summary["policy_version"] == 3 - summary["skipped_steps"]
@@ -221,4 +234,6 @@ def test_two_zero3_learners_push_many_buckets_over_the_collective(tmp_path, veri
     )  # fmt: skip
     assert len(steps) == 3 and summary["policy_version"] == 3
     _assert_many_bucket_pushes(pushes, steps)
-    assert all(0.5 < m["is_ratio_mean"] <= 1.0 + 1e-4 for m in steps)
+    # synchronous: every batch on-policy, and the pushed weights equal the learners' (checked above)
+    assert all(m["is_ratio_min"] == pytest.approx(1.0, abs=1e-4) for m in steps)
+    assert all(m["is_ratio_max"] == pytest.approx(1.0, abs=1e-4) for m in steps)

@@ -9,14 +9,30 @@ reward r_i in [0, 1]:
     J_AGAPO    = E[ 1/G sum_i 1/|o_i| sum_t sg(min(rho_i,t, eps)) * A_global,i * log pi_theta(o_i,t | ...) ]
 
 Prompts whose G rewards are all equal carry no signal and are dropped before the global
-normalisation (zero-variance filtering). There is no KL term and no reference model.
-Everything here is a pure tensor function: no I/O, no distribution.
+normalisation (zero-variance filtering). "Equal" means within ``REWARD_ATOL`` (1e-6): a judge's
+weighted means that differ by float noise are a tie, not a preference. There is no KL term and no
+reference model. Everything here is a pure tensor function: no I/O, no distribution.
+
+Which distributions rho compares (``agapo.ratio_distribution``). pi_rollout is what the rollout engine
+reports per sampled token and pi_theta what the learner computes; an on-policy ratio is 1 only if both
+are the same function of the logits:
+
+- ``model_at_temperature``: both are ``softmax(z / T)`` over the full vocabulary at the rollout
+  temperature T. rho then measures staleness and engine mismatch only; the top-p truncation of the
+  sampler is not corrected for (tokens come from the nucleus, the ratio treats them as drawn from the
+  untruncated softmax at T), and the gradient is that of the model's log-likelihood at T.
+- ``sampler``: both are the processed sampler's: ``softmax(z / T)`` restricted to the top-k / top-p
+  set and renormalised (the learner applies the same truncation to its own logits, keeping the sampled
+  token in the set). pi_theta in Eq. 1 is then the policy as sampled, and log pi_theta includes the
+  nucleus renormaliser.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+REWARD_ATOL = 1e-6  # rewards (in [0, 1]) closer than this are tied; float32 noise is ~6e-8 at 1.0
 
 
 def leave_one_out_advantages(rewards: Tensor) -> Tensor:
@@ -31,19 +47,19 @@ def leave_one_out_advantages(rewards: Tensor) -> Tensor:
     return rewards - peer_mean
 
 
-def zero_variance_mask(rewards: Tensor) -> Tensor:
-    """``[P, G] -> bool [P]``: True for prompts whose rewards are not all identical (they are kept)."""
+def zero_variance_mask(rewards: Tensor, atol: float = REWARD_ATOL) -> Tensor:
+    """``[P, G] -> bool [P]``: True for prompts whose rewards spread more than ``atol`` (they are kept)."""
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [prompts, group_size], got shape {tuple(rewards.shape)}")
-    return rewards.amax(dim=1) != rewards.amin(dim=1)
+    return (rewards.amax(dim=1) - rewards.amin(dim=1)) > atol
 
 
-def global_normalize(advantages: Tensor) -> Tensor:
+def global_normalize(advantages: Tensor, atol: float = REWARD_ATOL) -> Tensor:
     """Standardise every entry given by the batch mean and (Bessel-corrected) standard deviation.
 
-    Call it on the advantages that survived zero-variance filtering. With fewer than two entries, or
-    when all entries are equal, the standard deviation is undefined or zero: the centred values
-    (all zeros) are returned instead of NaN.
+    Call it on the advantages that survived zero-variance filtering. With fewer than two entries the
+    centred values are returned; when the standard deviation is at most ``atol`` (all entries equal up
+    to float noise) there is no signal to scale up, and zeros are returned instead of noise / ~0.
     """
     flat = advantages.reshape(-1)
     if flat.numel() == 0:
@@ -52,7 +68,7 @@ def global_normalize(advantages: Tensor) -> Tensor:
     if flat.numel() < 2:
         return centred
     std = flat.std()
-    if not torch.isfinite(std) or std == 0:
+    if not torch.isfinite(std) or std <= atol:
         return torch.zeros_like(advantages)
     return centred / std
 
@@ -100,15 +116,40 @@ def agapo_loss(
 def importance_ratio_stats(
     logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, is_cap: float
 ) -> dict[str, float]:
-    """Diagnostics of rho over response tokens: mean, max, and the fraction truncated at ``is_cap``."""
+    """Rollout/learner mismatch over response tokens, as partial results that add up across micro-batches
+    and ranks (``runtime.metric_reduce``): sums and token count, and the true min / max of rho.
+
+    ``mismatch_kl_k3_sum`` sums the k3 estimator ``(rho - 1) - log rho`` (tokens drawn from the rollout
+    policy, so its mean estimates KL(pi_rollout || pi_theta), >= 0 per token). ``summarize_ratio_stats``
+    turns the combined partials into means.
+    """
     keep = mask.to(torch.bool)
     if not keep.any():
-        return {"is_ratio_mean": float("nan"), "is_ratio_max": float("nan"), "is_truncated_frac": 0.0}
-    ratio = torch.exp(logprobs.detach()[keep] - rollout_logprobs.detach().to(logprobs.dtype)[keep])
+        return {}
+    log_ratio = logprobs.detach()[keep].double() - rollout_logprobs.detach()[keep].double()
+    ratio = torch.exp(log_ratio)
     return {
-        "is_ratio_mean": ratio.mean().item(),
+        "ratio_tokens_sum": float(ratio.numel()),
+        "is_ratio_sum": ratio.sum().item(),
+        "is_ratio_min": ratio.min().item(),
         "is_ratio_max": ratio.max().item(),
-        "is_truncated_frac": (ratio > is_cap).float().mean().item(),
+        "is_truncated_sum": (ratio > is_cap).sum().item(),
+        "mismatch_kl_k3_sum": ((ratio - 1.0) - log_ratio).sum().item(),
+    }
+
+
+def summarize_ratio_stats(partials: dict[str, float]) -> dict[str, float]:
+    """Per-step ratio metrics from combined ``importance_ratio_stats`` partials: ``is_ratio_mean``,
+    ``is_ratio_min``, ``is_ratio_max``, ``is_truncated_frac``, ``mismatch_kl_k3`` (empty with no tokens)."""
+    tokens = partials.get("ratio_tokens_sum", 0.0)
+    if tokens <= 0:
+        return {}
+    return {
+        "is_ratio_mean": partials["is_ratio_sum"] / tokens,
+        "is_ratio_min": partials["is_ratio_min"],
+        "is_ratio_max": partials["is_ratio_max"],
+        "is_truncated_frac": partials["is_truncated_sum"] / tokens,
+        "mismatch_kl_k3": partials["mismatch_kl_k3_sum"] / tokens,
     }
 
 

@@ -16,18 +16,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kexaone_align.algorithms.agapo import REWARD_ATOL
 
-def preference_advantages(rewards: Tensor) -> Tensor:
+
+def preference_advantages(rewards: Tensor, atol: float = REWARD_ATOL) -> Tensor:
     """``[P, G] -> [P, G]`` in [-1, 1]: standardise within each group, then min-max scale.
 
-    A group whose rewards all tie has no preference signal: its advantages are 0 (never NaN).
+    A group whose rewards all tie has no preference signal: its advantages are 0 (never NaN). Rewards
+    tie when they spread at most ``atol`` (``agapo.REWARD_ATOL``, 1e-6): a judge's weighted means that
+    differ by float noise must not become a +1 / -1 preference.
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [prompts, group_size], got shape {tuple(rewards.shape)}")
     rewards = rewards if rewards.is_floating_point() else rewards.to(torch.float32)
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
-    tied = std == 0
+    tied = (rewards.amax(dim=1, keepdim=True) - rewards.amin(dim=1, keepdim=True)) <= atol
     z = (rewards - mean) / torch.where(tied, torch.ones_like(std), std)
     z_min = z.amin(dim=1, keepdim=True)
     z_range = z.amax(dim=1, keepdim=True) - z_min

@@ -6,6 +6,11 @@ target token's log-probability and the log-partition, and dropped. The backward 
 chunk's logits instead of storing them, so peak memory is ``chunk_size * vocab`` regardless of the
 sequence length, in the forward and the backward pass alike: each pass keeps one chunk-sized buffer
 and works on it in place.
+
+With ``top_p < 1`` or ``top_k > 0`` the log-probs are those of the *processed sampler*: temperature,
+then top-k, then the top-p nucleus, renormalised over the tokens kept (``truncation_mask``, the same
+rule the rollout sampler applies). That takes a sort of each chunk's logits: about four chunk-sized
+buffers instead of one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,38 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
+def truncation_mask(logp: Tensor, top_p: float = 1.0, top_k: int = -1) -> Tensor | None:
+    """``[..., V]`` bool: the tokens a top-k then top-p sampler keeps (None when it keeps them all).
+
+    ``logp`` are log-probs after temperature. Top-k keeps the k most likely (ties at the k-th kept);
+    top-p then keeps the smallest set of most likely tokens, under the top-k renormalised distribution,
+    whose mass reaches ``top_p`` (the most likely token always stays). The order is vLLM's.
+    """
+    keep = None
+    if 0 < top_k < logp.shape[-1]:
+        kth = torch.topk(logp, top_k, dim=-1).values[..., -1:]
+        keep = logp >= kth
+        logp = logp.masked_fill(~keep, float("-inf"))
+        logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+    if top_p < 1.0:
+        sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
+        probs = sorted_logp.exp()
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        keep = ~drop if keep is None else keep & ~drop
+    return keep
+
+
+def _kept_logits(logits: Tensor, targets: Tensor, top_p: float, top_k: int) -> Tensor:
+    """``logits`` with the tokens the sampler drops set to -inf, in place; each row's target always
+    stays (a token the policy sampled but whose nucleus has since moved keeps a finite log-prob)."""
+    keep = truncation_mask(torch.log_softmax(logits, dim=-1), top_p, top_k)
+    if keep is not None:
+        keep[torch.arange(keep.shape[0], device=keep.device), targets] = True
+        logits.masked_fill_(~keep, float("-inf"))
+    return logits
+
+
 def _logsumexp_in_place(logits: Tensor) -> Tensor:
     """Row-wise log-sum-exp that overwrites ``logits`` (``torch.logsumexp`` allocates a second chunk)."""
     peak = logits.amax(dim=-1, keepdim=True)
@@ -33,7 +70,16 @@ def _logsumexp_in_place(logits: Tensor) -> Tensor:
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, temperature: float):
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        chunk_size: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+    ):
         n_tokens = hidden.shape[0]
         dtype = _compute_dtype(hidden)
         out = torch.empty(n_tokens, dtype=dtype, device=hidden.device)
@@ -42,13 +88,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             stop = min(start + chunk_size, n_tokens)
             logits = _chunk_logits(hidden[start:stop], weight, temperature)
             picked = logits.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
+            logits = _kept_logits(logits, targets[start:stop], top_p, top_k)
             chunk_lse = _logsumexp_in_place(logits)  # one chunk-sized buffer, reused
             lse[start:stop] = chunk_lse
             out[start:stop] = picked - chunk_lse
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
-        ctx.temperature = temperature
+        ctx.temperature, ctx.top_p, ctx.top_k = temperature, top_p, top_k
         return out
 
     @staticmethod
@@ -63,6 +110,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             h = hidden[start:stop]
             # d logp(target) / d logits = onehot(target) - softmax(logits), times 1/temperature.
             grad_logits = _chunk_logits(h, weight, temperature)  # the only chunk-sized buffer
+            grad_logits = _kept_logits(grad_logits, targets[start:stop], ctx.top_p, ctx.top_k)
             grad_logits.sub_(lse[start:stop].unsqueeze(1)).exp_().neg_()
             rows = torch.arange(stop - start, device=grad_logits.device)
             grad_logits[rows, targets[start:stop]] += 1.0
@@ -74,7 +122,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             del grad_logits
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_token_logprobs(
@@ -84,15 +132,21 @@ def chunked_token_logprobs(
     *,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
 ) -> Tensor:
     """``log softmax(hidden @ weight.T / temperature)[target]`` per token, in fp32, chunk by chunk.
+
+    With ``top_p < 1`` or ``top_k > 0``: the log-prob under the processed sampler instead (the softmax
+    taken over the tokens ``truncation_mask`` keeps, plus the target).
 
     Args:
         hidden: ``[..., H]`` final hidden states (after the last norm), one per predicting position.
         weight: ``[V, H]`` the LM head (unembedding) weight.
         targets: ``[...]`` the token id each position predicts.
         chunk_size: tokens per chunk; peak extra memory is about ``chunk_size * V * 4`` bytes.
-        temperature: divides the logits, as the rollout sampler did (1.0 for training).
+        temperature: divides the logits, as the rollout sampler did (1.0: the model itself).
+        top_p, top_k: the sampler's truncation (1.0 and -1: none, the full vocabulary).
     Returns:
         ``[...]`` float32 log-probabilities; differentiable w.r.t. ``hidden`` and ``weight``.
     """
@@ -100,6 +154,8 @@ def chunked_token_logprobs(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1 or top_k == 0 or top_k < -1:
+        raise ValueError(f"top_p must be in (0, 1] and top_k -1 or >= 1, got {top_p}, {top_k}")
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not line up")
     if hidden.shape[-1] != weight.shape[-1]:
@@ -107,7 +163,9 @@ def chunked_token_logprobs(
     lead_shape = targets.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
-    out = _ChunkedTokenLogprobs.apply(flat_hidden, weight, flat_targets, chunk_size, float(temperature))
+    out = _ChunkedTokenLogprobs.apply(
+        flat_hidden, weight, flat_targets, chunk_size, float(temperature), float(top_p), int(top_k)
+    )
     return out.reshape(lead_shape)
 
 
@@ -126,8 +184,19 @@ def chunked_token_entropy(
 
 
 def naive_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: float = 1.0
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
 ) -> Tensor:
     """Reference implementation that materialises all logits (for tests and benchmarks only)."""
     logits = _chunk_logits(hidden, weight, temperature)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    keep = truncation_mask(logp, top_p, top_k)
+    if keep is not None:
+        keep = keep | torch.nn.functional.one_hot(targets.long(), logits.shape[-1]).bool()
+        logp = torch.log_softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)

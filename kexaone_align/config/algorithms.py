@@ -45,6 +45,16 @@ class AgapoConfig(Section):
     is_cap: float = Field(
         2.0, gt=0, description="epsilon, the cap of the truncated importance ratio sg(min(rho, epsilon))."
     )
+    ratio_distribution: Literal["sampler", "model_at_temperature"] = Field(
+        "model_at_temperature",
+        description="Which distribution both sides of the importance ratio rho = pi_theta / pi_rollout "
+        "(Eq. 1) are taken under. 'model_at_temperature': the model's softmax at rollout.temperature over "
+        "the full vocabulary, learner and rollout alike (top-p / top-k truncation is not corrected for). "
+        "'sampler': the processed sampler's distribution (temperature, then top-k / top-p, renormalised "
+        "over the tokens kept), which the learner recomputes with the same truncation. Either way an "
+        "on-policy ratio is 1; with rollout.backend vllm, 'model_at_temperature' needs temperature 1.0 "
+        "or no top-p / top-k.",
+    )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step (each sampled G times).")
     steps: int = Field(10, ge=1, description="Optimizer steps to run.")

@@ -141,6 +141,20 @@ class Recipe(Section):
             raise ValueError("learners.backend: 'nccl' needs real GPUs; use 'gloo' with simulated_gpus")
         if uses_rollout and r.mtp_speculative and r.backend != "vllm":
             raise ValueError("rollout.mtp_speculative: needs rollout.backend 'vllm'")
+        agapo = self.agapo
+        if (
+            agapo is not None
+            and r.backend == "vllm"
+            and agapo.ratio_distribution == "model_at_temperature"
+            and r.temperature != 1.0
+            and (r.top_p < 1.0 or r.top_k > 0)
+        ):
+            raise ValueError(
+                "agapo.ratio_distribution: 'model_at_temperature' with rollout.backend 'vllm' needs "
+                "rollout.temperature 1.0 or no truncation (top_p 1.0, top_k -1): vLLM reports the "
+                "processed sampler's log-probs or the model's at T=1, not the model's at another "
+                "temperature; use 'sampler'"
+            )
         if c.gpus_per_node:
             total = c.nodes * c.gpus_per_node
             learner_gpus = learn.num_learners

@@ -10,7 +10,13 @@ from typing import Any
 PLOT_GROUPS: dict[str, list[str]] = {
     "reward": ["reward/", "reward_mean", "eval_accuracy", "eval_reward", "eval_before/", "eval_after/"],
     "loss": ["loss", "eval_loss"],
-    "importance_ratio": ["is_ratio_mean", "is_ratio_max", "is_truncated_frac"],
+    "importance_ratio": [
+        "is_ratio_mean",
+        "is_ratio_min",
+        "is_ratio_max",
+        "is_truncated_frac",
+        "mismatch_kl_k3",
+    ],
     "zero_variance": ["zero_variance_frac"],
     "throughput": ["rollout/tokens_per_s", "rollout_tokens_per_s", "learner_tokens_per_s"],
     "weight_sync": ["weight_sync/seconds", "weight_sync/gb_per_s"],

@@ -21,6 +21,7 @@ from torch import Tensor
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import shard_batch
 from kexaone_align.runtime.learner import LearnerConfig, LossFn, learner_actor_class
+from kexaone_align.runtime.metric_reduce import combine
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -102,11 +103,17 @@ class LearnerGroup:
             step_time_s=slowest,
             micro_batches=max(r["micro_batches"] for r in results),
         )
-        weight = sum(r["loss_weight"] for r in results)
-        for key in {k for r in results for k in r if k.startswith("loss/")}:
-            total = sum(r.get(key, 0.0) * r["loss_weight"] for r in results)
-            out[key] = total / weight if weight > 0 else 0.0
+        # loss_fn metrics, by name (runtime.metric_reduce): *_max / *_min are true extremes over all ranks
+        out.update(
+            combine(
+                ({k: v for k, v in r.items() if k.startswith("loss/")}, r["loss_weight"]) for r in results
+            )
+        )
         return out
+
+    def advance_lr_schedule(self) -> float:
+        """Every rank's LR schedule one step on, without an optimizer step (see ``Learner``)."""
+        return self._all("advance_lr_schedule")[0]
 
     def forward_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """Per-token log-probs ``[N, T]`` of the whole batch, computed data-parallel."""

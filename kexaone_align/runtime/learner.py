@@ -33,6 +33,7 @@ from kexaone_align.algorithms.logprobs import chunked_token_logprobs
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import plan_micro_batches, take, validate_batch
 from kexaone_align.runtime.lr_schedules import SCHEDULES, lr_multiplier_fn
+from kexaone_align.runtime.metric_reduce import MetricAccumulator
 
 if not torch.cuda.is_available():  # DeepSpeed reads this when it first picks an accelerator
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -66,6 +67,12 @@ class LearnerConfig:
     aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; 0 (off) for RL
     loss_aggregation: str = "tokens"  # how micro-batch losses combine: tokens | sequences
     logprob_chunk_size: int = 1024  # tokens per chunk of the LM-head projection
+    # The distribution token log-probs are taken under (algorithms.logprobs.chunked_token_logprobs): the
+    # model at 1.0 / 1.0 / -1; AGAPO sets the rollout's temperature (and its top-p / top-k under
+    # agapo.ratio_distribution=sampler) so both sides of the importance ratio match.
+    logprob_temperature: float = 1.0
+    logprob_top_p: float = 1.0
+    logprob_top_k: int = -1
     zero3_init: bool = True  # ZeRO-3: build the model already partitioned (deepspeed.zero.Init)
     seed: int = 0
     ds_config_overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged into the DS config
@@ -91,6 +98,12 @@ class LearnerConfig:
                 f"loss_aggregation must be tokens or sequences, got {self.loss_aggregation!r}",
             ),
             (self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}"),
+            (
+                self.logprob_temperature > 0,
+                f"logprob_temperature must be > 0, not {self.logprob_temperature}",
+            ),
+            (0 < self.logprob_top_p <= 1, f"logprob_top_p must be in (0, 1], got {self.logprob_top_p}"),
+            (self.logprob_top_k == -1 or self.logprob_top_k >= 1, f"bad logprob_top_k {self.logprob_top_k}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -171,10 +184,20 @@ class TokenLogprobModel(nn.Module):
     outside ``lm_head.forward``, so it is registered as an external parameter of this module.
     """
 
-    def __init__(self, policy: nn.Module, *, chunk_size: int, zero3: bool) -> None:
+    def __init__(
+        self,
+        policy: nn.Module,
+        *,
+        chunk_size: int,
+        zero3: bool,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+    ) -> None:
         super().__init__()
         self.policy = policy
         self.chunk_size = chunk_size
+        self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         if zero3:
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
@@ -201,6 +224,7 @@ class TokenLogprobModel(nn.Module):
             self.policy.lm_head.weight,
             input_ids[:, 1:][select],
             chunk_size=self.chunk_size,
+            **self.sampling,
         )
         shifted = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
             select, picked.float()
@@ -298,7 +322,10 @@ class Learner:
         if cfg.zero_stage == 3:
             mark_moe_blocks_as_zero3_leaves(policy)
         self.policy = policy
-        module = TokenLogprobModel(policy, chunk_size=cfg.logprob_chunk_size, zero3=cfg.zero_stage == 3)
+        module = TokenLogprobModel(
+            policy, chunk_size=cfg.logprob_chunk_size, zero3=cfg.zero_stage == 3,
+            temperature=cfg.logprob_temperature, top_p=cfg.logprob_top_p, top_k=cfg.logprob_top_k,
+        )  # fmt: skip
         optimizer = torch.optim.AdamW(
             self._param_groups(policy), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0
         )
@@ -445,7 +472,7 @@ class Learner:
         with_aux = self.config.aux_loss_coef > 0
         engine.train()
         loss_sum, aux_sum = 0.0, 0.0
-        metric_sums: dict[str, float] = {}
+        step_metrics = MetricAccumulator()
         for i in range(int(num_steps)):
             real = i < len(micros)
             micro = micros[i] if real else self._dummy_micro_batch()
@@ -465,8 +492,7 @@ class Learner:
                     total = total + self.config.aux_loss_coef * aux * share
                     aux_sum += _to_float(aux) * share
                 loss_sum += _to_float(loss) * share
-                for key, value in (metrics or {}).items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + _to_float(value) * weights[i]
+                step_metrics.add({k: _to_float(v) for k, v in (metrics or {}).items()}, weights[i])
             else:
                 total = logprobs.sum() * 0.0 + (aux * 0.0 if aux is not None else 0.0)
             # DeepSpeed averages gradients over ranks; undo that, our shares already sum to 1 globally.
@@ -490,9 +516,17 @@ class Learner:
         }
         if with_aux:
             out["aux_loss"] = global_aux
-        for key, value in metric_sums.items():
-            out[f"loss/{key}"] = value / local_weight if local_weight > 0 else 0.0
+        # loss_fn metrics combined by name (runtime.metric_reduce): *_max / *_min are true extremes
+        out.update({f"loss/{k}": v for k, v in step_metrics.result().items()})
         return out
+
+    def advance_lr_schedule(self) -> float:
+        """Move the LR schedule on one step without an optimizer step (a stage step with nothing to learn
+        from), so the schedule stays sized in stage steps; returns the LR that step would have used."""
+        engine = self._require_engine()
+        lr = float(engine.get_lr()[0])
+        engine.lr_scheduler.step()
+        return lr
 
     @torch.no_grad()
     def forward_logprobs(self, batch: dict[str, Tensor]) -> Tensor:

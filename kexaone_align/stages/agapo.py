@@ -14,7 +14,14 @@ is what a time-to-accuracy measurement reads.
 Off-policy pipelining: with ``rollout.max_staleness >= 1`` the rollout for step k+1 is launched
 before learning on step k (and weights reach the workers one step later), so every sample is one
 version old; groups more than ``max_staleness`` versions old are dropped and counted. With 0 the
-loop is synchronous. A step whose prompts all have zero reward variance takes no learner step.
+loop is synchronous. A step whose prompts all have zero reward variance takes no learner step, but
+its LR-schedule step (the schedule is sized in ``agapo.steps``).
+
+The importance ratio compares the rollout's and the learner's probability of each sampled token under
+one distribution, ``agapo.ratio_distribution`` (``algorithms.agapo`` explains both against Eq. 1): the
+rollout workers report it (``SamplingConfig.logprobs``) and the learners compute it at the rollout
+temperature (``rl.agapo_sampling``). Each step logs the mismatch: ratio min / mean / max over every
+response token, the truncated fraction and the k3 KL estimate.
 """
 
 from __future__ import annotations
@@ -27,10 +34,14 @@ from typing import Any
 
 import torch
 
-from kexaone_align.algorithms.agapo import agapo_advantages, global_normalize, leave_one_out_advantages
+from kexaone_align.algorithms.agapo import (
+    agapo_advantages,
+    global_normalize,
+    leave_one_out_advantages,
+    summarize_ratio_stats,
+)
 from kexaone_align.config import Recipe
 from kexaone_align.errors import KexaoneError
-from kexaone_align.runtime.rollout.base import SamplingConfig
 from kexaone_align.stages import rl
 from kexaone_align.stages.common import (
     StageRun,
@@ -83,7 +94,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     router = TaskRouter(recipe.verifiers or None)
     grade = functools.partial(rl.grade_mixed, functools.partial(grade_with_verifiers, router))
     roll = recipe.rollout
-    sampling = SamplingConfig.from_recipe(roll, seed=recipe.seed)
+    sampling, logprob_settings = rl.agapo_sampling(recipe)  # agapo.ratio_distribution, both sides
     tools = rl.tool_limits(recipe)  # bounds of the tool episodes (rows with an environment)
     max_staleness = roll.max_staleness
     pipelined = max_staleness >= 1
@@ -92,7 +103,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     steps = cfg.steps
 
     with StageRun(recipe, steps) as run_:
-        learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": "sequences"})
+        overrides = {"loss_aggregation": "sequences", **logprob_settings}
+        learners = make_learners(recipe, model_path, steps, overrides=overrides)
         pool = None
         try:
             pool = rl.rollout_pool_for(recipe, model_path, learners)
@@ -145,10 +157,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
             def periodic_eval() -> dict[str, float]:
                 nonlocal eval_seconds
-                if pipelined:  # finish the in-flight rollout first: it is training work, not evaluation
-                    import ray
-
-                    ray.wait(list(pending[1]), num_returns=len(pending[1]))
+                nonlocal pending
+                if pipelined:  # finish the in-flight rollout first: it is training work, not evaluation;
+                    # collected through the pool, so rollout.job_timeout_s and worker replacement apply
+                    rows, futures, resume_at = pending
+                    pending = (rows, pool.collect(futures), resume_at)
                 sync()
                 trained = train_seconds()
                 started = time.perf_counter()
@@ -158,8 +171,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
             pending = launch()
             while run_.step < steps:
-                rows, futures, _ = pending
-                samples, metrics = pool.collect(futures)
+                rows, launched, _ = pending  # futures, or (samples, metrics) a periodic eval collected
+                samples, metrics = launched if isinstance(launched, tuple) else pool.collect(launched)
                 more = run_.step + 1 < steps
                 sync_metrics: dict[str, float] = {}
                 if pipelined and more:  # step k+1's rollout runs while the learner works on step k
@@ -190,9 +203,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     train = learners.train_step(batch, loss_fn)
                     pool.resume()
                     version += 1
-                    metrics.update({k.removeprefix("loss/"): v for k, v in train.items()})
+                    learned = {k.removeprefix("loss/"): v for k, v in train.items()}
+                    metrics.update({k: v for k, v in learned.items() if not k.endswith("_sum")})
+                    metrics.update(summarize_ratio_stats(learned))  # mismatch: k3 KL, ratio min/mean/max
                     metrics["learner_tokens_per_s"] = metrics.pop("tokens_per_s", 0.0)
-                else:  # nothing to learn from: no optimizer step, no new version
+                else:  # nothing to learn from: no optimizer step, no new version; the LR schedule is
+                    # sized in stage steps (agapo.steps), so it moves on as if the step had been taken
+                    metrics["lr"] = learners.advance_lr_schedule()
                     counters["skipped_steps"] += 1
                     metrics["skipped"] = 1.0
                 every = cfg.eval_every_steps

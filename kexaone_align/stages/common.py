@@ -410,14 +410,44 @@ def _drop_rollouts_after(path: Path, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ restarts
+_PEER_LOST = ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out")
+
+
 def is_restartable(exc: BaseException) -> bool:
-    """A failure worth a restart from the last checkpoint: a Ray actor died or a Ray call failed.
+    """A failure worth a restart from the last checkpoint: the infrastructure failed, not the code or data.
 
-    User errors (``KexaoneError``, also when a remote call raised one) are not: a rerun repeats them.
+    Restartable: an actor or worker process died or became unreachable, a node or its raylet was lost,
+    an object was lost, Ray ran out of memory or disk, a placement group went away; and, raised inside a
+    Ray task, any of those or a torch.distributed / connection error (a collective whose peer died).
+    Not restartable, since a rerun repeats them: an exception the task's own code raised (``ValueError``,
+    ``KeyError``, ``KexaoneError``, ... from bad data or a bug), and any exception of the driver itself.
     """
-    from ray.exceptions import RayError
+    from ray import exceptions as rex
 
-    return isinstance(exc, RayError) and not isinstance(exc, KexaoneError)
+    infrastructure = (
+        rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.LocalRayletDiedError,
+        rex.ObjectLostError, rex.RaySystemError, rex.OutOfMemoryError, rex.OutOfDiskError,
+        rex.ObjectStoreFullError, rex.RpcError, rex.ActorPlacementGroupRemoved, rex.TaskPlacementGroupRemoved,
+    )  # fmt: skip
+    if isinstance(exc, KexaoneError):
+        return False
+    if isinstance(exc, rex.RayTaskError):
+        cause = exc.cause
+        if cause is None or cause is exc:
+            return False
+        if isinstance(cause, rex.RayError):
+            return is_restartable(cause)
+        return _peer_lost(cause)
+    return isinstance(exc, infrastructure)
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A task's own exception that means a process it talked to went away (not a code or data error)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError | ConnectionError):
+        return True
+    return type(exc) is RuntimeError and any(word in str(exc).lower() for word in _PEER_LOST)
 
 
 def run_with_restarts(run_stage: Any, recipe: Recipe) -> dict[str, Any]:

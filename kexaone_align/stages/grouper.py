@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kexaone_align.algorithms.agapo import REWARD_ATOL
 from kexaone_align.algorithms.grouper import preference_advantages
 from kexaone_align.config import Recipe
 from kexaone_align.errors import KexaoneError
@@ -227,7 +228,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 metrics.update(rl.per_task_means(groups, "reward"))
                 metrics.update(rl.response_stats(flat))
                 metrics["reward/mean"] = float(rewards.mean())
-                metrics["tied_group_frac"] = float((rewards.amax(1) == rewards.amin(1)).float().mean())
+                tied = (rewards.amax(1) - rewards.amin(1)) <= REWARD_ATOL  # as preference_advantages
+                metrics["tied_group_frac"] = float(tied.float().mean())
                 metrics["sampled_prompts"] = float(sampled)
                 metrics["total/sampled_prompts"] = float(total_sampled)
                 # as stored with the samples: the learner version of the policy that sampled them

@@ -39,11 +39,25 @@ def agapo_loss_fn(
     logprobs: Tensor, batch: dict[str, Tensor], is_cap: float
 ) -> tuple[Tensor, dict[str, float]]:
     """Learner ``loss_fn`` for AGAPO: a mean over the micro-batch's responses (``loss_aggregation``
-    must be ``"sequences"``); also reports the importance-ratio diagnostics."""
+    must be ``"sequences"``); also reports the rollout/learner mismatch partials (``importance_ratio_stats``,
+    combined over micro-batches and ranks by name, then ``summarize_ratio_stats``)."""
     mask = batch["loss_mask"]
     loss = agapo_loss(logprobs, batch["rollout_logprobs"], batch["advantages"], mask, is_cap)
     stats = importance_ratio_stats(logprobs, batch["rollout_logprobs"], mask, is_cap)
     return loss, {k: v for k, v in stats.items() if math.isfinite(v)}
+
+
+def agapo_sampling(recipe: Any) -> tuple[SamplingConfig, dict[str, Any]]:
+    """AGAPO's rollout sampling and the learner settings that match it under ``agapo.ratio_distribution``:
+    the learner takes log-probs at the rollout temperature, and under ``sampler`` with its truncation."""
+    roll, kind = recipe.rollout, recipe.agapo.ratio_distribution
+    sampling = SamplingConfig.from_recipe(roll, seed=recipe.seed, logprobs=kind)
+    truncated = kind == "sampler"
+    return sampling, {
+        "logprob_temperature": roll.temperature,
+        "logprob_top_p": roll.top_p if truncated else 1.0,
+        "logprob_top_k": roll.top_k if truncated else -1,
+    }
 
 
 def grouper_loss_fn(logprobs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:

@@ -1,8 +1,10 @@
 """The rollout contract shared by every backend: requests in, samples with log-probs and a version out.
 
-AGAPO's importance ratio divides the learner's token probability by the probability the token was
-*actually sampled with*, so a backend must report log-probs under the processed distribution
-(after temperature and top-p), and tag every sample with the policy version that produced it.
+AGAPO's importance ratio divides the learner's token probability by the rollout policy's, so a backend
+reports, per sampled token, the log-prob ``SamplingConfig.logprobs`` names: ``"sampler"``, the processed
+distribution the token was drawn from (temperature, then top-k / top-p, renormalised), or
+``"model_at_temperature"``, the model's softmax at the sampling temperature over the full vocabulary
+(``agapo.ratio_distribution`` picks one). Every sample is tagged with the policy version that made it.
 
 Weight updates are two-phase so a learner can stream its parameters in buckets without ever
 holding the full model twice: call ``update_weights(version, bucket)`` once per bucket (all with
@@ -22,6 +24,8 @@ import torch
 from kexaone_align.errors import KexaoneError
 
 FinishReason = Literal["stop", "length"]
+LogprobKind = Literal["sampler", "model_at_temperature"]
+LOGPROB_KINDS: tuple[str, ...] = ("sampler", "model_at_temperature")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,10 @@ class SamplingConfig:
     """How to sample: the paper's defaults are temperature 1.0 and top-p 0.95 (top-k off).
 
     Order, as in vLLM: temperature, then top-k, then top-p on the top-k renormalised distribution.
-    The model's eos always stops a sample; ``stop_token_ids`` adds more stop tokens.
+    The model's eos always stops a sample; ``stop_token_ids`` adds more stop tokens. ``logprobs`` says
+    which distribution the reported log-probs are under (see the module docstring); None: the backend's
+    own (hf: the sampler's; vllm: its engine's ``logprobs_mode``), for samples whose log-probs no
+    importance ratio reads (evaluation, GROUPER).
     """
 
     max_new_tokens: int = 256
@@ -38,6 +45,7 @@ class SamplingConfig:
     top_k: int = -1
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
+    logprobs: LogprobKind | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -48,11 +56,20 @@ class SamplingConfig:
             raise KexaoneError(f"sampling.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise KexaoneError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.logprobs not in (None, *LOGPROB_KINDS):
+            raise KexaoneError(
+                f"sampling.logprobs must be one of {LOGPROB_KINDS} or None, got {self.logprobs!r}"
+            )
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @classmethod
     def from_recipe(
-        cls, rollout: Any, *, stop_token_ids: Iterable[int] = (), seed: int = 0
+        cls,
+        rollout: Any,
+        *,
+        stop_token_ids: Iterable[int] = (),
+        seed: int = 0,
+        logprobs: LogprobKind | None = None,
     ) -> SamplingConfig:
         """From the recipe's ``rollout`` section (its temperature, top_p, top_k and max_new_tokens)."""
         return cls(
@@ -62,6 +79,7 @@ class SamplingConfig:
             top_k=rollout.top_k,
             stop_token_ids=tuple(stop_token_ids),
             seed=seed,
+            logprobs=logprobs,
         )
 
 
@@ -87,7 +105,7 @@ class RolloutRequest:
 
 @dataclass
 class RolloutSample:
-    """One sampled response; ``logprobs[i]`` is the processed log-prob of ``token_ids[i]``.
+    """One sampled response; ``logprobs[i]`` is the log-prob of ``token_ids[i]`` (see ``SamplingConfig``).
 
     A multi-turn tool episode interleaves policy tokens with environment tokens (tool results, turn
     headers): ``policy_mask[i]`` is 1 where the policy sampled ``token_ids[i]`` (only those carry a

@@ -28,7 +28,12 @@ from kexaone_align.runtime.rollout.base import (
     expand_requests,
     rollout_metrics,
 )
-from kexaone_align.runtime.rollout.sampling import draw_tokens, processed_logprobs, sample_seed
+from kexaone_align.runtime.rollout.sampling import (
+    draw_tokens,
+    model_logprobs,
+    processed_logprobs,
+    sample_seed,
+)
 
 
 def load_named_tensors(
@@ -196,6 +201,8 @@ class HFRolloutBackend:
                 out.logits[:, -1, :], sampling.temperature, sampling.top_p, sampling.top_k
             )
             drawn = draw_tokens(logp.exp(), uniforms[:, step])
+            if sampling.logprobs == "model_at_temperature":  # report the untruncated softmax at T
+                logp = model_logprobs(out.logits[:, -1, :], sampling.temperature)
             drawn_logp = logp.gather(1, drawn[:, None]).squeeze(1)
             chosen = []
             for i, (tok, tok_logp) in enumerate(zip(drawn.tolist(), drawn_logp.tolist(), strict=True)):

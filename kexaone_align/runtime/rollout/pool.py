@@ -189,9 +189,12 @@ class RolloutPool:
         _check_complete(jobs, samples)
         waited = time.perf_counter() - started
         stats = []
-        for w in self.workers:
+        asked = [w.metrics.remote() for w in self.workers]
+        # a worker hung after its work was done must not hang the stage: job_timeout_s bounds this too
+        answered, _ = ray.wait(asked, num_returns=len(asked), timeout=self.job_timeout_s)
+        for ref in answered:
             try:
-                stats.append(ray.get(w.metrics.remote()))
+                stats.append(ray.get(ref))
             except RayActorError:  # died after its work was done: replaced when next needed
                 pass
         tokens = sum(m.get("rollout/generated_tokens", 0.0) for m in stats)

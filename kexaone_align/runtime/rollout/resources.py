@@ -145,7 +145,18 @@ def _engine_settings(recipe: Any, *, on_cpu: bool) -> dict[str, Any]:
         "enforce_eager": roll.enforce_eager,
         "cpu_kvcache_gib": roll.cpu_kvcache_gib,
         "seed": recipe.seed,
+        "logprobs_mode": _logprobs_mode(recipe),
     }
+
+
+def _logprobs_mode(recipe: Any) -> str:
+    """vLLM's ``logprobs_mode`` for AGAPO's ``ratio_distribution`` (no other stage reads log-probs)."""
+    from kexaone_align.runtime.rollout.vllm import engine_logprobs_mode
+
+    roll, agapo = recipe.rollout, getattr(recipe, "agapo", None)
+    if recipe.stage != "agapo" or agapo is None:
+        return "processed_logprobs"
+    return engine_logprobs_mode(agapo.ratio_distribution, roll.temperature, roll.top_p, roll.top_k)
 
 
 def actor_options(plan: RolloutPlan, index: int, group: Any = None) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import hashlib
 
 import torch
 
+from kexaone_align.algorithms.logprobs import truncation_mask
+
 
 def processed_logprobs(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int = -1
@@ -18,22 +20,20 @@ def processed_logprobs(
 
     The nucleus is the smallest set of most-likely tokens whose probability mass reaches ``top_p``;
     ``top_p == 1`` and ``top_k == -1`` keep the whole vocabulary, so the result is the plain
-    ``log_softmax(logits / T)``.
+    ``log_softmax(logits / T)``. The kept set is ``algorithms.logprobs.truncation_mask``, the rule the
+    learner applies when the importance ratio is taken under the sampler (``agapo.ratio_distribution``).
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    if 0 < top_k < logp.shape[-1]:
-        kth = torch.topk(logp, top_k, dim=-1).values[..., -1:]
-        logp = logp.masked_fill(logp < kth, float("-inf"))
-        logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
-    if top_p >= 1.0:
+    keep = truncation_mask(logp, top_p, top_k)
+    if keep is None:
         return logp
-    sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
-    probs = sorted_logp.exp()
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= top_p  # the most likely token has mass_before == 0 and always stays
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    logp = logp.masked_fill(drop, float("-inf"))
+    logp = logp.masked_fill(~keep, float("-inf"))
     return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+
+
+def model_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of the model at ``temperature`` over the full vocabulary (no top-k / top-p)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
 def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

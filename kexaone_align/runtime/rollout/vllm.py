@@ -8,9 +8,14 @@ worker replacement (``tests/test_rollout_vllm_engine.py``). What only a GPU show
 
 How each requirement maps onto vLLM:
 
-* Processed log-probs: engine arg ``logprobs_mode="processed_logprobs"`` makes the sampler report
-  log-probs of the distribution after temperature and top-p; ``SamplingParams(logprobs=0)`` returns
-  just the sampled token's entry, a ``dict[token_id, Logprob]`` per position.
+* Rollout log-probs (``SamplingConfig.logprobs``): vLLM 0.32's engine arg ``logprobs_mode`` fixes, per
+  engine, what its sampler reports. ``"processed_logprobs"`` is the distribution after temperature and
+  top-k / top-p (our ``"sampler"``); ``"raw_logprobs"`` is ``log_softmax`` of the logits before any
+  processing, i.e. the model at temperature 1 over the full vocabulary. So ``"model_at_temperature"``
+  is ``raw_logprobs`` at T = 1, or ``processed_logprobs`` when nothing is truncated; at T != 1 with
+  top-p < 1 or top-k no mode gives it (``engine_logprobs_mode`` refuses, naming the keys).
+  ``SamplingParams(logprobs=0)`` returns just the sampled token's entry, a ``dict[token_id, Logprob]``
+  per position.
 * Prompts go in as ``TokensPrompt(prompt_token_ids=...)``; ``n`` samples per request share one seed
   derived from (run seed, request id), so a re-issued request samples the same tokens.
 * Tensor parallelism: ``tensor_parallel_size`` (the Ray actor holds that many GPUs, see
@@ -92,6 +97,34 @@ def cpu_engine_env(kvcache_gib: float) -> dict[str, str]:
     }
 
 
+def engine_logprobs_mode(kind: str, temperature: float, top_p: float, top_k: int = -1) -> str:
+    """The ``logprobs_mode`` an engine needs so training samples report ``kind`` (see the module doc)."""
+    if kind == "sampler":
+        return "processed_logprobs"
+    if temperature == 1.0:
+        return "raw_logprobs"
+    if top_p >= 1.0 and top_k <= 0:
+        return "processed_logprobs"
+    raise KexaoneError(
+        f"agapo.ratio_distribution=model_at_temperature with rollout.backend=vllm needs rollout.temperature "
+        f"1.0, or no truncation (rollout.top_p 1.0, top_k -1): vLLM reports either the processed sampler's "
+        f"log-probs or the model's at temperature 1, not the model's at T={temperature:g} while sampling "
+        f"with top-p {top_p:g} / top-k {top_k}. Use agapo.ratio_distribution=sampler or the hf backend"
+    )
+
+
+def delivers(mode: str, sampling: SamplingConfig) -> bool:
+    """Whether an engine in ``mode`` reports the log-probs ``sampling.logprobs`` asks for."""
+    untruncated = sampling.top_p >= 1.0 and sampling.top_k <= 0
+    if sampling.logprobs is None:
+        return True
+    if sampling.logprobs == "sampler":
+        return mode == "processed_logprobs" or (sampling.temperature == 1.0 and untruncated)
+    return (mode == "raw_logprobs" and sampling.temperature == 1.0) or (
+        mode == "processed_logprobs" and untruncated
+    )
+
+
 def vllm_engine_kwargs(
     model_path: str | Path,
     *,
@@ -105,6 +138,7 @@ def vllm_engine_kwargs(
     enable_sleep_mode: bool = False,
     enforce_eager: bool = False,
     seed: int = 0,
+    logprobs_mode: str = "processed_logprobs",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` (pure, so it is checked without an engine)."""
@@ -117,7 +151,7 @@ def vllm_engine_kwargs(
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "dtype": dtype,
-        "logprobs_mode": "processed_logprobs",
+        "logprobs_mode": logprobs_mode,
         "worker_extension_cls": WORKER_EXTENSION,
         "enable_sleep_mode": enable_sleep_mode,
         "enforce_eager": enforce_eager,
@@ -219,6 +253,7 @@ class VLLMRolloutBackend:
         enforce_eager: bool | None = None,
         cpu_kvcache_gib: float = 1.0,
         seed: int = 0,
+        logprobs_mode: str = "processed_logprobs",
         initial_version: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -241,10 +276,12 @@ class VLLMRolloutBackend:
             enable_sleep_mode=enable_sleep_mode,
             enforce_eager=cpu if enforce_eager is None else enforce_eager,
             seed=seed,
+            logprobs_mode=logprobs_mode,
             extra=engine_kwargs,
         )
         vllm = import_vllm()
         self._setup(vllm.LLM(**kwargs), tensor_parallel_size, enable_sleep_mode, initial_version)
+        self.logprobs_mode = logprobs_mode
 
     @classmethod
     def from_llm(
@@ -268,6 +305,7 @@ class VLLMRolloutBackend:
         self.enable_sleep_mode = enable_sleep_mode
         self._versions = VersionTracker(initial_version)
         self.last_metrics: dict[str, float] = {}
+        self.logprobs_mode = "processed_logprobs"
 
     @property
     def policy_version(self) -> int:
@@ -276,6 +314,12 @@ class VLLMRolloutBackend:
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
         import time
 
+        if not delivers(self.logprobs_mode, sampling):
+            raise KexaoneError(
+                f"this vLLM engine reports {self.logprobs_mode}, not the {sampling.logprobs!r} log-probs "
+                f"asked for at temperature {sampling.temperature:g}, top-p {sampling.top_p:g}, "
+                f"top-k {sampling.top_k}"
+            )
         vllm = import_vllm()
         prompts = [vllm.TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
         params = [vllm.SamplingParams(**sampling_params_kwargs(sampling, r)) for r in requests]
