@@ -226,7 +226,24 @@ class LearnersConfig(Section):
     zero_stage: Literal[2, 3] = Field(
         2, description="DeepSpeed ZeRO stage: 2 (shard grads+optimizer) or 3 (+params)."
     )
-    micro_batch_tokens: int = Field(4096, ge=1, description="Token budget of one micro-batch (padded).")
+    micro_batch_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Token budget of one micro-batch: the tokens its forward and backward compute, padding "
+        "included (a longer sequence gets a micro-batch of its own).",
+    )
+    sequence_packing: bool = Field(
+        True,
+        description="Pack micro-batches: several sequences share a row (as wide as the micro-batch's longest "
+        "sequence), positions restart and attention stays inside each sequence, so padding is not "
+        "computed. Losses still see one sequence per row (per-response means, advantages and the global "
+        "normalisation are unchanged). false = consecutive rows right-padded to the longest.",
+    )
+    balance_ranks: bool = Field(
+        True,
+        description="Give rows to the data-parallel learners by tokens (longest first, to the least-loaded "
+        "rank) rather than in contiguous slices, so no rank waits on another's long tail.",
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clipping; None = off.")
     lr_schedule: Literal["wsd", "cosine", "constant"] = Field(
         "constant", description="wsd = warmup-stable-decay; cosine (with warmup); constant (with warmup)."

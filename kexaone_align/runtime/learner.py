@@ -61,6 +61,7 @@ class LearnerConfig:
     min_lr_ratio: float = 0.0
     micro_batch_tokens: int = 4096  # computed tokens per micro-batch (forward + backward), padding included
     sequence_packing: bool = False  # micro-batches of packed rows (runtime.packed_micro), else padded rows
+    balance_ranks: bool = False  # LearnerGroup: rows to ranks by tokens (longest first), else contiguous
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # transformers kernels; None = transformers' defaults
     experts_implementation: str | None = None
