@@ -217,6 +217,41 @@ class RolloutConfig(Section):
     )
 
 
+class GradingConfig(Section):
+    """Rule-verifier grading of AGAPO rollouts (``runtime.grading``)."""
+
+    backend: Literal["ray", "local"] = Field(
+        "ray",
+        description="'ray': Ray tasks spread over the cluster's nodes, started as each rollout worker's "
+        "samples arrive, so grading overlaps generation. 'local': threads in the driver, after the whole "
+        "batch is collected (the behaviour before grading moved to Ray).",
+    )
+    num_workers: int = Field(
+        4, ge=1, description="ray: grading tasks running at once; local: grading threads in the driver."
+    )
+    chunk_size: int = Field(8, ge=1, description="ray: samples per grading task (graded one at a time).")
+    timeout_s: float | Literal["auto"] | None = Field(
+        "auto",
+        description="Per-sample limit, past which a verifier's sample scores 0: 'auto' = the verifier's own "
+        "worst case plus a grace where it declares one (the code verifier: per-run limit x runs), else "
+        "60 s (verifiers.score_batch); a number of seconds for every sample; null = none.",
+    )
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _positive_timeout(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, int | float) and value <= 0:
+            raise ValueError(f"must be > 0 seconds, 'auto' or null, got {value}")
+        return value
+
+    cpus_per_task: float = Field(
+        0.0,
+        ge=0,
+        description="ray: CPUs each grading task reserves. 0 = none (num_workers alone bounds them; safe "
+        "when actors hold every CPU Ray knows of); 1 on a cluster whose spare CPUs should do the grading.",
+    )
+
+
 class LearnersConfig(Section):
     """DeepSpeed learner actors that own the trainable policy."""
 
