@@ -133,7 +133,7 @@ def test_sequence_packing_in_the_learner_matches_padded(learner):
         learner.config.sequence_packing = True
         assert repacked.shape == want.shape
         for got, ref in zip(
-            per_sample(repacked, sft_packed, sft_rows), per_sample(want, sft_packed, sft_rows)
+            per_sample(repacked, sft_packed, sft_rows), per_sample(want, sft_packed, sft_rows), strict=True
         ):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
         mask = batch["loss_mask"]

@@ -95,6 +95,8 @@ class LearnerGroup:
         if "aux_loss" in first:
             out["aux_loss"] = first["aux_loss"]
         tokens = sum(r["learner_tokens"] for r in results)
+        if all("computed_tokens" in r for r in results):  # padding included: what the ranks ran
+            out["computed_tokens"] = sum(r["computed_tokens"] for r in results)
         slowest = max(r["step_time_s"] for r in results)
         out.update(
             learner_tokens=tokens,
