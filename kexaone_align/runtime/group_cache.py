@@ -280,6 +280,7 @@ def _encode(group: CachedGroup) -> bytes:
                 "finish_reason": s.finish_reason,
                 "policy_version": int(s.policy_version),
                 "metadata": s.metadata,
+                **({"policy_mask": [int(m) for m in s.policy_mask]} if s.policy_mask is not None else {}),
             }
             for s in samples
         ],
@@ -323,6 +324,7 @@ def _decode(record: bytes, key: str) -> CachedGroup:
                 finish_reason=spec["finish_reason"],
                 policy_version=spec["policy_version"],
                 metadata=spec["metadata"],
+                policy_mask=spec.get("policy_mask"),
             )
         )
         pos += spec["tokens"]

@@ -84,9 +84,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     train_rows, held_rows, long_prompts = rl.prompt_sets(recipe, tokenizer)
     router = TaskRouter(recipe.verifiers or None)
     grader = rl.make_grader(recipe, router)  # Ray tasks, fed as each worker's samples arrive
-    grade = grader.grade
+    grade = functools.partial(rl.grade_mixed, grader.grade)
     roll = recipe.rollout
     sampling = SamplingConfig.from_recipe(roll, seed=recipe.seed)
+    tools = rl.tool_limits(recipe)  # bounds of the tool episodes (rows with an environment)
     max_staleness = roll.max_staleness
     pipelined = max_staleness >= 1
     loss_fn = functools.partial(rl.agapo_loss_fn, is_cap=cfg.is_cap)
@@ -112,7 +113,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 return rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=cfg.eval_samples_per_prompt,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
-                    enable_thinking=roll.enable_thinking,
+                    enable_thinking=roll.enable_thinking, tool_limits=tools,
                     on_samples=functools.partial(run_.log_samples, label),
                 )  # fmt: skip
 
@@ -134,7 +135,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 # Request ids (hence sampling seeds) from the cursor position alone, not from when the
                 # batch is launched, so a resumed run samples exactly what the uninterrupted one did.
                 tag = f"e{cursor.epoch}-o{cursor.offset}"
-                reqs = rl.build_requests(tokenizer, rows, cfg.group_size, tag, roll.enable_thinking)
+                reqs = rl.build_requests(
+                    tokenizer, rows, cfg.group_size, tag, roll.enable_thinking, tool_limits=tools
+                )
                 return rows, pool.submit(reqs, sampling), resume_at
 
             clock = time.perf_counter()  # training-loop clock; periodic evaluations are subtracted
@@ -174,6 +177,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 metrics.update(grading)
                 metrics.update(rl.per_task_means(groups, "reward"))
                 metrics.update(rl.response_stats([s for g in groups for s in g.samples]))
+                metrics.update(rl.episode_metrics(groups))
                 metrics.update(staleness=staleness, dropped_stale=float(dropped))
                 metrics["policy_version"] = float(version)
                 if groups:

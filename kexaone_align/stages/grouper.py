@@ -120,7 +120,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     tokenizer = load_stage_tokenizer(recipe, model_path)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     train_rows, held_rows, long_prompts = rl.prompt_sets(recipe, tokenizer)
-    grade = functools.partial(grade_preference, build_preference_reward(recipe))
+    grade = functools.partial(
+        rl.grade_mixed, functools.partial(grade_preference, build_preference_reward(recipe))
+    )
     roll = recipe.rollout
     sampling = SamplingConfig.from_recipe(roll, seed=recipe.seed)
     steps, refresh = cfg.steps, cfg.refresh_every
@@ -143,7 +145,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 out = rl.evaluate(
                     pool, tokenizer, held_rows, grade, samples_per_prompt=1,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
-                    enable_thinking=roll.enable_thinking,
+                    enable_thinking=roll.enable_thinking, tool_limits=rl.tool_limits(recipe),
                     on_samples=functools.partial(run_.log_samples, label),
                 )  # fmt: skip
                 # the mean preference reward: ``accuracy`` in the shared evaluator, ``reward`` here
@@ -174,8 +176,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                         metrics.update(served.initial_weights())
                         eval_seconds += time.perf_counter() - started
                     reqs = rl.build_requests(
-                        tokenizer, fresh, cfg.group_size, f"s{step}", roll.enable_thinking
-                    )
+                        tokenizer, fresh, cfg.group_size, f"s{step}", roll.enable_thinking,
+                        tool_limits=rl.tool_limits(recipe),
+                    )  # fmt: skip
                     samples, roll_metrics = pool.collect(pool.submit(reqs, sampling))
                     parts.append(roll_metrics)
                     groups = rl.group_samples(fresh, samples)

@@ -99,8 +99,33 @@ def thinking_mode(recipe: Any, row: PromptRow) -> bool | None:
 def drop_long_prompts(recipe: Any, tokenizer: Any, rows: Sequence[PromptRow]) -> tuple[list[PromptRow], int]:
     """Rows whose rendered prompt fits ``data.max_prompt_tokens``, and how many were dropped."""
     limit = recipe.data.max_prompt_tokens
-    kept = [r for r in rows if len(render_prompt(tokenizer, r.messages, thinking_mode(recipe, r))) <= limit]
+    kept = [r for r in rows if len(row_prompt_ids(tokenizer, r, thinking_mode(recipe, r))) <= limit]
     return kept, len(rows) - len(kept)
+
+
+def row_tools(row: PromptRow) -> list[dict[str, Any]] | None:
+    """The tool schemas a row's prompt lists: its own, else its environment's (None without tools)."""
+    if row.tools is not None:
+        return row.tools
+    if row.environment:
+        from kexaone_align.environments import resolve_environment
+
+        return resolve_environment(row.environment).tools(row) or None
+    return None
+
+
+def row_prompt_ids(tokenizer: Any, row: PromptRow, enable_thinking: bool | None) -> list[int]:
+    """A row's prompt tokens, its tools listed as the chat template does."""
+    thinking = row.enable_thinking if enable_thinking is None else enable_thinking
+    return render_prompt(tokenizer, row.messages, thinking, tools=row_tools(row))
+
+
+def tool_limits(recipe: Any) -> Any:
+    """The recipe's ``tools`` section as the environments' ``ToolLimits``."""
+    from kexaone_align.environments import ToolLimits
+
+    t = recipe.tools
+    return ToolLimits(t.max_turns, t.call_timeout_s, t.max_output_chars, t.max_calls_per_turn)
 
 
 def prompt_sets(recipe: Any, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow], dict[str, int]]:
@@ -136,17 +161,32 @@ class Group:
 
 
 def build_requests(
-    tokenizer: Any, rows: Sequence[PromptRow], group_size: int, tag: str, enable_thinking: bool | None = None
+    tokenizer: Any,
+    rows: Sequence[PromptRow],
+    group_size: int,
+    tag: str,
+    enable_thinking: bool | None = None,
+    *,
+    tool_limits: Any = None,
 ) -> list[RolloutRequest]:
     """One request per prompt row (``group_size`` samples each); ``tag`` keeps request ids unique per call.
 
     ``enable_thinking`` forces reasoning (True) or non-reasoning (False) mode (``rollout.enable_thinking``);
-    None renders each row in its own mode."""
+    None renders each row in its own mode. A row with an ``environment`` becomes a tool episode
+    (``runtime.rollout.episodes``) bounded by ``tool_limits``; the worker loads ``tokenizer``'s path."""
+    from kexaone_align.runtime.rollout.episodes import episode_metadata
+
     requests = []
     for i, row in enumerate(rows):
         thinking = row.enable_thinking if enable_thinking is None else enable_thinking
-        ids = render_prompt(tokenizer, row.messages, thinking)
-        requests.append(RolloutRequest(f"{tag}-{i}-{row.id}", ids, group_size, {"row": i}))
+        ids = row_prompt_ids(tokenizer, row, thinking)
+        meta: dict[str, Any] = {"row": i}
+        if row.environment:
+            path = getattr(tokenizer, "name_or_path", None) or None
+            meta["episode"] = episode_metadata(
+                row, row.environment, enable_thinking=thinking, limits=tool_limits, tokenizer_path=path
+            )
+        requests.append(RolloutRequest(f"{tag}-{i}-{row.id}", ids, group_size, meta))
     return requests
 
 
@@ -173,8 +213,42 @@ def verifier_samples(tokenizer: Any, groups: Sequence[Group]) -> list[Sample]:
     out = []
     for g in groups:
         g.texts = [decode_response(tokenizer, s) for s in g.samples]
-        for text in g.texts:
-            out.append(Sample(g.row.messages, text, g.row.reference, g.row.task, dict(g.row.metadata)))
+        for s, text in zip(g.samples, g.texts, strict=True):
+            meta = dict(g.row.metadata)
+            if "episode" in s.metadata:  # a tool episode: the environment already scored it
+                meta["episode"] = s.metadata["episode"]
+            out.append(Sample(g.row.messages, text, g.row.reference, g.row.task, meta))
+    return out
+
+
+def grade_mixed(grade: Any, samples: Sequence[Sample]) -> list[float]:
+    """Rewards for a batch mixing tool episodes (scored by their environment on the rollout worker) with
+    single-turn samples (scored by ``grade``, the recipe's verifiers or preference reward)."""
+    rewards: list[float] = [0.0] * len(samples)
+    plain = [i for i, s in enumerate(samples) if "episode" not in s.metadata]
+    for i, s in enumerate(samples):
+        if "episode" in s.metadata:
+            rewards[i] = float(s.metadata["episode"]["reward"])
+    if plain:
+        for i, r in zip(plain, grade([samples[i] for i in plain]), strict=True):
+            rewards[i] = float(r)
+    return rewards
+
+
+def episode_metrics(groups: Sequence[Group], prefix: str = "tools") -> dict[str, float]:
+    """Tool-use counters over the episodes of ``groups``: turns per episode, tool calls, tool errors and
+    environment seconds (means per episode), and the pass rate per environment."""
+    infos = [s.metadata["episode"] for g in groups for s in g.samples if "episode" in s.metadata]
+    if not infos:
+        return {}
+    n = len(infos)
+    out = {f"{prefix}/episodes": float(n)}
+    for key in ("turns", "tool_calls", "tool_errors", "env_seconds"):
+        out[f"{prefix}/{key}"] = sum(float(i[key]) for i in infos) / n
+    by_env: dict[str, list[float]] = {}
+    for info in infos:
+        by_env.setdefault(str(info["environment"]), []).append(float(bool(info["passed"])))
+    out.update({f"{prefix}/pass_rate/{env}": sum(v) / len(v) for env, v in by_env.items()})
     return out
 
 
@@ -198,19 +272,25 @@ def submit_for_grading(
     grader: Any, tokenizer: Any, rows: Sequence[PromptRow], part: Sequence[RolloutSample]
 ) -> None:
     """``RolloutPool.collect``'s ``on_result`` (bind the first three arguments): grade ``part`` now."""
+    plain = [s for s in part if "episode" not in s.metadata]  # tool episodes: their environment scored them
     out = []
-    for s in part:
+    for s in plain:
         row = rows[int(s.metadata["row"])]
         text = decode_response(tokenizer, s)
         out.append(Sample(row.messages, text, row.reference, row.task, dict(row.metadata)))
-    grader.submit([sample_key(s) for s in part], out)
+    grader.submit([sample_key(s) for s in plain], out)
 
 
 def graded_rewards(tokenizer: Any, groups: Sequence[Group], rewards: dict[Any, float]) -> Tensor:
     """Store streamed rewards (by ``sample_key``) and response texts on ``groups``; ``[P, G]`` rewards."""
     for g in groups:
         g.texts = [decode_response(tokenizer, s) for s in g.samples]
-    return assign_rewards(groups, [rewards[sample_key(s)] for g in groups for s in g.samples])
+    flat = [
+        float(s.metadata["episode"]["reward"]) if "episode" in s.metadata else rewards[sample_key(s)]
+        for g in groups
+        for s in g.samples
+    ]
+    return assign_rewards(groups, flat)
 
 
 def assign_rewards(groups: Sequence[Group], rewards: Sequence[float]) -> Tensor:
@@ -263,9 +343,9 @@ def training_batch(
         raise KexaoneError("training_batch needs at least one sample")
     ids, masks, old = [], [], []
     for s in samples:
-        n_prompt, n_resp = len(s.prompt_token_ids), len(s.token_ids)
+        n_prompt = len(s.prompt_token_ids)
         ids.append(list(s.prompt_token_ids) + list(s.token_ids))
-        masks.append([0] * n_prompt + [1] * n_resp)
+        masks.append([0] * n_prompt + policy_mask(s))
         old.append([0.0] * n_prompt + [float(x) for x in s.logprobs])
     loss_mask = pad_sequences(masks, 0).long()
     return {
@@ -277,12 +357,17 @@ def training_batch(
     }
 
 
+def policy_mask(sample: RolloutSample) -> list[int]:
+    """1 where the policy sampled the response token, 0 for a tool episode's environment tokens."""
+    return list(sample.policy_mask) if sample.policy_mask is not None else [1] * len(sample.token_ids)
+
+
 def response_stats(samples: Sequence[RolloutSample]) -> dict[str, float]:
     """Mean response length, truncated fraction, and the sampled-token entropy estimate (-mean log-prob)."""
     if not samples:
         return {}
     lengths = [len(s.token_ids) for s in samples]
-    logps = [lp for s in samples for lp in s.logprobs]
+    logps = [lp for s in samples for lp, m in zip(s.logprobs, policy_mask(s), strict=True) if m]
     return {
         "response_length": sum(lengths) / len(lengths),
         "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
@@ -302,6 +387,7 @@ def evaluate(
     seed: int,
     tag: str,
     enable_thinking: bool | None = None,
+    tool_limits: Any = None,
     on_samples: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
     """Held-out score by sampling (T=1.0, top-p 0.95): mean reward overall (``accuracy``) and per task.
@@ -314,9 +400,11 @@ def evaluate(
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, seed=seed
     )
-    requests = build_requests(tokenizer, rows, samples_per_prompt, tag, enable_thinking)
+    requests = build_requests(
+        tokenizer, rows, samples_per_prompt, tag, enable_thinking, tool_limits=tool_limits
+    )
     groups = group_samples(rows, pool.generate(requests, sampling))
-    rewards = grade(verifier_samples(tokenizer, groups))
+    rewards = grade_mixed(grade, verifier_samples(tokenizer, groups))
     assign_rewards(groups, rewards)
     if on_samples is not None:
         on_samples(sample_rows(groups))
@@ -325,6 +413,7 @@ def evaluate(
     out.update({k.split("/", 1)[1]: v for k, v in per_task_means(groups, "task").items()})
     lengths = response_stats([s for g in groups for s in g.samples])
     out["response_length"] = lengths.get("response_length", 0.0)
+    out.update(episode_metrics(groups))
     return out
 
 

@@ -164,7 +164,9 @@ def greedy_accuracy(
     from kexaone_align.data.chat_format import render_prompt
     from kexaone_align.models import load_tokenizer
 
-    rows = [r for r in rows if (r.get("metadata") or {}).get("answer") is not None][:limit]
+    # tool-use rows need an environment to answer (their AGAPO evaluation plays the episodes): not here
+    rows = [r for r in rows if (r.get("metadata") or {}).get("answer") is not None and not r.get("tools")]
+    rows = rows[:limit]
     if not rows:
         return {}
     tok = load_tokenizer(model_dir)

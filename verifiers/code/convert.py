@@ -94,3 +94,29 @@ def benchmark_reference(reference: Mapping[str, Any]) -> dict[str, Any] | None:
     ):
         return mbpp_row({"task_id": "?", "text": "", **reference})["reference"]
     return None
+
+
+_PERTURBED_RETURNS = """
+
+_canonical = {name}
+
+
+def {name}(*args, **kwargs):
+    value = _canonical(*args, **kwargs)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, dict):
+        return {{**value, "?": 0}}
+    if isinstance(value, str | list | tuple):
+        return value + value[:1] if value else value + type(value)("x" if isinstance(value, str) else [0])
+    return value
+"""
+
+
+def perturbed_returns(entry_point: str) -> str:
+    """Code to append after a correct solution so that ``entry_point`` returns a wrong value on every call
+    (booleans flipped, numbers + 1, sequences and dicts grown): a converted benchmark's checker must fail
+    it, which is how a conversion is checked for tests that pass anything."""
+    return _PERTURBED_RETURNS.format(name=entry_point)

@@ -73,8 +73,12 @@ class RolloutRequest:
     prompt_token_ids: list[int]
     num_samples: int = 1
     metadata: dict[str, Any] = field(default_factory=dict)
+    # A tighter token budget than ``SamplingConfig.max_new_tokens`` (a multi-turn episode's later turns).
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise KexaoneError(f"rollout request {self.request_id!r}: max_new_tokens must be >= 1")
         if not self.prompt_token_ids:
             raise KexaoneError(f"rollout request {self.request_id!r} has an empty prompt")
         if self.num_samples < 1:
@@ -83,7 +87,13 @@ class RolloutRequest:
 
 @dataclass
 class RolloutSample:
-    """One sampled response; ``logprobs[i]`` is the processed log-prob of ``token_ids[i]``."""
+    """One sampled response; ``logprobs[i]`` is the processed log-prob of ``token_ids[i]``.
+
+    A multi-turn tool episode interleaves policy tokens with environment tokens (tool results, turn
+    headers): ``policy_mask[i]`` is 1 where the policy sampled ``token_ids[i]`` (only those carry a
+    rollout log-prob and loss) and 0 for environment tokens (log-prob 0.0, context only). ``None``
+    means every token is the policy's (a single-turn sample).
+    """
 
     request_id: str
     sample_index: int
@@ -93,6 +103,14 @@ class RolloutSample:
     finish_reason: FinishReason
     policy_version: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    policy_mask: list[int] | None = None
+
+
+def effective_max_new_tokens(request: RolloutRequest, sampling: SamplingConfig) -> int:
+    """A request's token budget: its own ``max_new_tokens`` when tighter than the sampling config's."""
+    if request.max_new_tokens is None:
+        return sampling.max_new_tokens
+    return min(request.max_new_tokens, sampling.max_new_tokens)
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ from kexaone_align.runtime.rollout.base import (
     RolloutSample,
     SamplingConfig,
     VersionTracker,
+    effective_max_new_tokens,
     expand_requests,
     rollout_metrics,
 )
@@ -186,6 +187,7 @@ class HFRolloutBackend:
             logits_to_keep=1,
         )
         next_pos = positions[:, -1:] + 1
+        budgets = [effective_max_new_tokens(req, sampling) for req, _ in rows]
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         reasons: list[Any] = [None] * batch
@@ -204,7 +206,7 @@ class HFRolloutBackend:
                 logps[i].append(tok_logp)
                 if tok in stop:
                     reasons[i] = "stop"
-                elif len(tokens[i]) >= sampling.max_new_tokens:
+                elif len(tokens[i]) >= budgets[i]:
                     reasons[i] = "length"
                 chosen.append(tok)
             if all(r is not None for r in reasons):

@@ -42,6 +42,7 @@ from kexaone_align.runtime.rollout.base import (
     RolloutSample,
     SamplingConfig,
     VersionTracker,
+    effective_max_new_tokens,
     rollout_metrics,
 )
 from kexaone_align.runtime.rollout.sampling import sample_seed
@@ -140,7 +141,7 @@ def sampling_params_kwargs(sampling: SamplingConfig, request: RolloutRequest) ->
         "n": request.num_samples,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
-        "max_tokens": sampling.max_new_tokens,
+        "max_tokens": effective_max_new_tokens(request, sampling),
         "stop_token_ids": list(sampling.stop_token_ids),
         "logprobs": 0,
         "seed": sample_seed(sampling.seed, request.request_id, 0) % (2**31),

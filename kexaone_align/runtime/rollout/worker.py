@@ -31,6 +31,31 @@ def make_backend(name: str, **kwargs: Any) -> RolloutBackend:
     raise KexaoneError(f"unknown rollout backend {name!r}; expected one of {list(BACKENDS)}")
 
 
+def generate_mixed(
+    backend: RolloutBackend, requests: list[RolloutRequest], sampling: SamplingConfig
+) -> list[RolloutSample]:
+    """Single-turn requests straight to the backend, tool episodes through the episode driver; samples
+    come back in request order either way."""
+    from kexaone_align.runtime.rollout.episodes import is_episode, run_episodes
+
+    episodic = [r for r in requests if is_episode(r)]
+    if not episodic:
+        return backend.generate(requests, sampling)
+    plain = [r for r in requests if not is_episode(r)]
+    by_id: dict[str, list[RolloutSample]] = {}
+    plain_metrics: dict[str, float] = {}
+    if plain:
+        for s in backend.generate(plain, sampling):
+            by_id.setdefault(s.request_id, []).append(s)
+        plain_metrics = dict(getattr(backend, "last_metrics", {}))
+    for s in run_episodes(backend, episodic, sampling):
+        by_id.setdefault(s.request_id, []).append(s)
+    if plain_metrics and hasattr(backend, "last_metrics"):  # one call's throughput: both parts added
+        for key in ("rollout/samples", "rollout/generated_tokens", "rollout/seconds"):
+            backend.last_metrics[key] = backend.last_metrics.get(key, 0.0) + plain_metrics.get(key, 0.0)
+    return [s for r in requests for s in by_id.get(r.request_id, [])]
+
+
 class RolloutWorker:
     """Holds one backend; every sample it returns carries the policy version that produced it."""
 
@@ -49,7 +74,7 @@ class RolloutWorker:
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutSample]:
         version = self.backend.policy_version
-        samples = self.backend.generate(requests, sampling)
+        samples = generate_mixed(self.backend, requests, sampling)
         for sample in samples:
             sample.policy_version = version
         return samples

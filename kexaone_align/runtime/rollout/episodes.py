@@ -1,0 +1,264 @@
+"""Multi-turn tool episodes over any rollout backend's ``generate``.
+
+A request whose ``metadata["episode"]`` is set (see :func:`episode_metadata`) is played as an episode:
+the policy generates one assistant turn (to its end-of-turn token), the tool calls in it are run
+against the row's environment, the results are appended as K-EXAONE's tool turn followed by the next
+assistant header, and the policy continues, until a turn without tool calls (the answer),
+``max_turns`` assistant turns, or the token budget (``SamplingConfig.max_new_tokens`` for everything
+after the prompt, tool results included) runs out.
+
+Each turn of sample ``k`` of request ``r`` is generated as its own request ``"{r}#{k}#t{turn}"``, so its
+sampling seed depends only on the request, the sample and the turn: a re-issued episode (a replaced
+worker) draws the same tokens, and with a deterministic environment is the same episode. All live
+episodes of a turn go to the backend in one ``generate`` call, so the backend still batches them.
+
+The result is one ``RolloutSample`` per (request, sample) whose ``token_ids`` are everything after the
+prompt; ``policy_mask`` marks the tokens the policy sampled (1) and the environment's (0), and
+``logprobs`` is 0.0 at environment tokens. ``metadata["episode"]`` holds the reward the environment
+gave and the episode's counters (turns, tool calls, tool errors, environment seconds, outcome).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from kexaone_align.errors import KexaoneError
+from kexaone_align.runtime.rollout.base import (
+    RolloutRequest,
+    RolloutSample,
+    SamplingConfig,
+    expand_requests,
+    rollout_metrics,
+)
+
+END_OF_TURN = "<|endofturn|>"
+MAX_TOOL_THREADS = 8
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZER_LOCK = threading.Lock()
+# A fast tokenizer's encode adjusts its Rust backend's padding/truncation state, which raises "Already
+# borrowed" when two threads do it at once: episodes of one turn run their tools in parallel but
+# tokenize one at a time.
+_TOKENIZE_LOCK = threading.Lock()
+
+
+def episode_metadata(
+    row: Any,
+    environment: str,
+    *,
+    enable_thinking: bool,
+    limits: Any = None,
+    tokenizer_path: str | None = None,
+    base_dir: str | None = None,
+) -> dict[str, Any]:
+    """The ``metadata["episode"]`` entry that makes a request a tool episode (plain data, Ray-picklable)."""
+    from kexaone_align.environments import ToolLimits
+
+    limits = limits if limits is not None else ToolLimits()
+    return {
+        "environment": environment,
+        "row": row.to_dict(),
+        "enable_thinking": bool(enable_thinking),
+        "limits": dataclasses.asdict(limits),
+        "tokenizer": tokenizer_path,
+        "base_dir": base_dir,
+    }
+
+
+def is_episode(request: RolloutRequest) -> bool:
+    """Whether ``request`` is played as a multi-turn tool episode."""
+    return bool(request.metadata.get("episode"))
+
+
+def tool_turn_text(tokenizer: Any, results: Sequence[str], enable_thinking: bool) -> str:
+    """The text the environment adds after the policy's ``<|endofturn|>``: the rest of that line, the tool
+    turn holding ``results`` and the next assistant generation prompt, as the chat template renders them."""
+    user = {"role": "user", "content": "."}
+    done = {"role": "assistant", "content": "."}
+    tools = [{"role": "tool", "content": r} for r in results]
+    kwargs = {"tokenize": False, "enable_thinking": enable_thinking}
+    before = tokenizer.apply_chat_template([user, done], **kwargs)
+    after = tokenizer.apply_chat_template([user, done, *tools], add_generation_prompt=True, **kwargs)
+    cut = before.rfind(END_OF_TURN)
+    if cut < 0 or not after.startswith(before):
+        raise KexaoneError("the chat template does not render tool turns after an assistant turn")
+    return after[cut + len(END_OF_TURN) :]
+
+
+def _tokenizer_for(path: str | None, given: Any) -> Any:
+    if given is not None:
+        return given
+    if not path:
+        raise KexaoneError("a tool episode needs a tokenizer (the request's episode metadata names none)")
+    with _TOKENIZER_LOCK:
+        if path not in _TOKENIZERS:
+            from kexaone_align.models import load_tokenizer
+
+            _TOKENIZERS[path] = load_tokenizer(path)
+        return _TOKENIZERS[path]
+
+
+@dataclass
+class _Episode:
+    request: RolloutRequest
+    index: int
+    env: Any
+    row: Any
+    state: Any
+    limits: Any
+    tool_names: set[str]
+    tokenizer: Any
+    thinking: bool
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_timeouts: int = 0
+    env_seconds: float = 0.0
+    outcome: str | None = None
+    answer: str | None = None
+    policy_version: int = 0
+
+    def turn_request(self, turn: int, budget: int) -> RolloutRequest:
+        rid = f"{self.request.request_id}#{self.index}#t{turn}"
+        ids = list(self.request.prompt_token_ids) + self.token_ids
+        return RolloutRequest(rid, ids, 1, {}, max_new_tokens=budget - len(self.token_ids))
+
+
+def _start(request: RolloutRequest, index: int, tokenizer: Any) -> _Episode:
+    from kexaone_align.data.prompts import parse_prompt_row
+    from kexaone_align.environments import ToolLimits, resolve_environment, tool_name
+
+    spec = request.metadata["episode"]
+    row = parse_prompt_row(spec["row"], f"episode {request.request_id}")
+    env = resolve_environment(spec["environment"], base_dir=spec.get("base_dir"))
+    limits = ToolLimits(**spec.get("limits", {}))
+    names = {tool_name(t) for t in env.tools(row)}
+    tok = _tokenizer_for(spec.get("tokenizer"), tokenizer)
+    return _Episode(request, index, env, row, env.reset(row), limits, names, tok, spec["enable_thinking"])
+
+
+def _run_calls(ep: _Episode, text: str) -> list[str]:
+    from kexaone_align.environments import parse_tool_calls, run_tool_call
+
+    calls = parse_tool_calls(text)
+    results = []
+    for i, call in enumerate(calls):
+        if i >= ep.limits.max_calls_per_turn:
+            results.append(f"error: more than {ep.limits.max_calls_per_turn} tool calls in one turn; not run")
+            ep.tool_errors += 1
+            continue
+        outcome = run_tool_call(ep.env, ep.state, call, ep.tool_names, ep.limits)
+        ep.state = outcome.state
+        ep.tool_calls += 1
+        ep.tool_errors += int(outcome.error)
+        ep.tool_timeouts += int(outcome.timed_out)
+        results.append(outcome.content)
+    return results
+
+
+def _advance(ep: _Episode, out: RolloutSample, budget: int) -> None:
+    """Append one generated turn; run its tool calls and append their tool turn, or end the episode."""
+    from kexaone_align.environments import final_answer, parse_tool_calls
+
+    ep.turns += 1
+    ep.policy_version = out.policy_version
+    ep.token_ids += list(out.token_ids)
+    ep.logprobs += [float(x) for x in out.logprobs]
+    ep.mask += [1] * len(out.token_ids)
+    if out.finish_reason != "stop":
+        ep.outcome = "length"
+        return
+    with _TOKENIZE_LOCK:
+        text = ep.tokenizer.decode(list(out.token_ids)[:-1], skip_special_tokens=False)
+    if not parse_tool_calls(text):
+        ep.outcome, ep.answer = "answer", final_answer(text)
+        return
+    if ep.turns >= ep.limits.max_turns:  # calls past the turn limit are not run
+        ep.outcome = "max_turns"
+        return
+    started = time.perf_counter()
+    results = _run_calls(ep, text)
+    with _TOKENIZE_LOCK:
+        env_text = tool_turn_text(ep.tokenizer, results, ep.thinking)
+        env_ids = list(ep.tokenizer(env_text, add_special_tokens=False)["input_ids"])
+    ep.env_seconds += time.perf_counter() - started
+    if len(ep.token_ids) + len(env_ids) >= budget:  # no room left for the policy to read and answer
+        ep.outcome = "length"
+        return
+    ep.token_ids += env_ids
+    ep.logprobs += [0.0] * len(env_ids)
+    ep.mask += [0] * len(env_ids)
+
+
+def _finish(ep: _Episode) -> RolloutSample:
+    from kexaone_align.environments import score_episode
+
+    started = time.perf_counter()
+    score = score_episode(ep.env, ep.state, ep.row, ep.answer if ep.outcome == "answer" else None, ep.limits)
+    ep.env_seconds += time.perf_counter() - started
+    last_is_policy_stop = bool(ep.mask) and ep.mask[-1] == 1 and ep.outcome != "length"
+    info = {
+        "environment": getattr(ep.env, "name", "") or ep.request.metadata["episode"]["environment"],
+        "reward": score.reward,
+        "passed": bool(score.passed),
+        "details": score.details,
+        "outcome": ep.outcome,
+        "turns": ep.turns,
+        "tool_calls": ep.tool_calls,
+        "tool_errors": ep.tool_errors,
+        "tool_timeouts": ep.tool_timeouts,
+        "env_seconds": ep.env_seconds,
+        "answer": ep.answer,
+    }
+    metadata = {k: v for k, v in ep.request.metadata.items() if k != "episode"}
+    metadata["episode"] = info
+    return RolloutSample(
+        request_id=ep.request.request_id,
+        sample_index=ep.index,
+        prompt_token_ids=list(ep.request.prompt_token_ids),
+        token_ids=ep.token_ids,
+        logprobs=ep.logprobs,
+        finish_reason="stop" if last_is_policy_stop else "length",
+        policy_version=ep.policy_version,
+        metadata=metadata,
+        policy_mask=ep.mask,
+    )
+
+
+def run_episodes(
+    backend: Any, requests: list[RolloutRequest], sampling: SamplingConfig, tokenizer: Any = None
+) -> list[RolloutSample]:
+    """Play every (request, sample) of ``requests`` as a tool episode on ``backend``; samples come back in
+    request order, then sample index. ``tokenizer`` overrides the one the episode metadata names."""
+    rows = expand_requests(requests)
+    started = time.perf_counter()
+    episodes = [_start(req, idx, tokenizer) for req, idx in rows]
+    budget = sampling.max_new_tokens
+    max_turns = max((ep.limits.max_turns for ep in episodes), default=0)
+    with ThreadPoolExecutor(max_workers=MAX_TOOL_THREADS) as pool:
+        for turn in range(max_turns):
+            live = [ep for ep in episodes if ep.outcome is None]
+            if not live:
+                break
+            outs = backend.generate([ep.turn_request(turn, budget) for ep in live], sampling)
+            if len(outs) != len(live):
+                raise KexaoneError(f"the backend returned {len(outs)} samples for {len(live)} episode turns")
+            list(pool.map(lambda pair: _advance(pair[0], pair[1], budget), zip(live, outs, strict=True)))
+        for ep in episodes:
+            if ep.outcome is None:
+                ep.outcome = "max_turns"
+        samples = list(pool.map(_finish, episodes))
+    seconds = time.perf_counter() - started
+    metrics = rollout_metrics(samples, seconds)
+    metrics["rollout/policy_tokens"] = float(sum(sum(s.policy_mask or []) for s in samples))
+    backend.last_metrics = metrics
+    return samples
