@@ -3,11 +3,13 @@ import torch
 
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import (
+    balanced_shard_rows,
     collate,
     micro_batches,
     pad_sequences,
     plan_micro_batches,
     shard_batch,
+    shard_rows,
     split_by_token_budget,
     validate_batch,
 )
@@ -81,3 +83,26 @@ def test_validate_batch_names_the_problem():
                 "loss_mask": torch.zeros(2, 4),
             }
         )
+
+
+def test_balanced_shards_split_tokens_evenly_and_deterministically():
+    lengths = [100, 3, 4, 90, 2, 5, 80, 6, 1, 7]
+    plan = balanced_shard_rows(lengths, 2)
+    assert sorted(i for rows in plan for i in rows) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in rows) for rows in plan]
+    assert max(loads) - min(loads) <= max(lengths)  # greedy longest-first's guarantee
+    assert balanced_shard_rows([5, 5, 4, 3, 3], 2) == [[0, 2], [1, 3, 4]]  # 9 / 11 tokens
+    contiguous = [sum(lengths[i] for i in rows) for rows in shard_rows(len(lengths), 2)]
+    assert max(loads) < max(contiguous)  # the long rows no longer land on one rank
+    assert plan == balanced_shard_rows(lengths, 2)
+    assert all(rows == sorted(rows) for rows in plan)
+    assert balanced_shard_rows([5], 3) == [[0], [], []]
+    with pytest.raises(KexaoneError):
+        balanced_shard_rows([1], 0)
+
+
+def test_balanced_shard_batch_trims_each_shard_to_its_columns():
+    b = collate([[1, 2, 3, 4, 5, 6], [7], [8, 9], [3]], [[1] * 6, [1], [1, 1], [1]])
+    shards = shard_batch(b, 2, balance=True)
+    assert [s["input_ids"].tolist() for s in shards] == [[[1, 2, 3, 4, 5, 6]], [[7, 0], [8, 9], [3, 0]]]
+    assert [s["input_ids"].shape[0] for s in shard_batch(b, 2)] == [2, 2]

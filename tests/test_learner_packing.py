@@ -94,3 +94,55 @@ def test_packed_train_step_loss_matches_unpacked(learner):
     metrics = learner.train_step(batch, sft_loss_fn)
     assert learner.steps == before + 1
     assert metrics["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def agapo_loss_fn(token_logprobs, batch):
+    from kexaone_align.algorithms.agapo import agapo_loss
+
+    mask = batch["loss_mask"]
+    return agapo_loss(token_logprobs, batch["rollout_logprobs"], batch["advantages"], mask, 2.0), {}
+
+
+def rl_batch():
+    """RL rows (prompt + response, right-padded) with rollout log-probs and one advantage per row."""
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (9, 30, 6, 14, 5, 22)]
+    batch = collate(ids, [[0] * 3 + [1] * (len(x) - 3) for x in ids])
+    batch["rollout_logprobs"] = -torch.rand(batch["input_ids"].shape, generator=g) * batch["loss_mask"]
+    batch["advantages"] = torch.randn(len(ids), generator=g)
+    return batch
+
+
+def test_sequence_packing_in_the_learner_matches_padded(learner):
+    """``LearnerConfig.sequence_packing``: same log-probs and the same AGAPO loss, fewer computed tokens."""
+    from kexaone_align.algorithms.agapo import agapo_loss
+
+    batch = rl_batch()
+    learner.config.sequence_packing = False
+    try:
+        padded = learner.forward_logprobs(batch)
+        learner.config.sequence_packing = True
+        packed = learner.forward_logprobs(batch)
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+        # rows that SFT already packed (with sequence_ids) pack again without leaking across samples
+        sft_rows = samples()
+        sft_batch, sft_packed = packed_batch(sft_rows)
+        repacked = learner.forward_logprobs(sft_batch)
+        learner.config.sequence_packing = False
+        want = learner.forward_logprobs(sft_batch)
+        learner.config.sequence_packing = True
+        assert repacked.shape == want.shape
+        for got, ref in zip(
+            per_sample(repacked, sft_packed, sft_rows), per_sample(want, sft_packed, sft_rows), strict=True
+        ):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        mask = batch["loss_mask"]
+        expected = float(agapo_loss(padded, batch["rollout_logprobs"], batch["advantages"], mask, 2.0))
+        learner.config.loss_aggregation = "sequences"
+        metrics = learner.train_step(batch, agapo_loss_fn)
+    finally:
+        learner.config.sequence_packing = False
+        learner.config.loss_aggregation = "tokens"
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert metrics["learner_tokens"] == float(batch["attention_mask"].sum())
+    assert metrics["computed_tokens"] < batch["input_ids"].numel()

@@ -113,7 +113,14 @@ def test_pipelined_agapo_step_learns_logs_and_keeps_router_frozen(tmp_path, veri
     ratio_keys = ("is_ratio_mean", "is_ratio_min", "is_ratio_max", "is_truncated_frac", "mismatch_kl_k3")
     for key in (*ratio_keys, "learner_tokens_per_s", "grad_norm"):
         assert all(key in m for m in learned), key
-    for key in ("reward/math", "zero_variance_frac", "response_length", "staleness", "rollout/tokens_per_s"):
+    for key in (
+        "reward/math",
+        "zero_variance_frac",
+        "response_length",
+        "staleness",
+        "rollout/tokens_per_s",
+        "grading/tail_s",
+    ):
         assert all(key in m for m in steps), key
     # The first batch was sampled by the initial policy; later ones are one version old (pipelined).
     assert steps[0]["staleness"] == 0.0

@@ -49,6 +49,8 @@ def learner_settings(recipe: Recipe, total_steps: int) -> dict[str, Any]:
         **schedule_steps(recipe, total_steps),
         "min_lr_ratio": learn.min_lr_ratio,
         "micro_batch_tokens": learn.micro_batch_tokens,
+        "sequence_packing": learn.sequence_packing,
+        "balance_ranks": learn.balance_ranks,
         "gradient_checkpointing": bool(recipe.model and recipe.model.gradient_checkpointing),
         "attn_implementation": recipe.model.attn_implementation if recipe.model else None,
         "experts_implementation": recipe.model.experts_implementation if recipe.model else None,

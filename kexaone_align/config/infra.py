@@ -217,6 +217,41 @@ class RolloutConfig(Section):
     )
 
 
+class GradingConfig(Section):
+    """Rule-verifier grading of AGAPO rollouts (``runtime.grading``)."""
+
+    backend: Literal["ray", "local"] = Field(
+        "ray",
+        description="'ray': Ray tasks spread over the cluster's nodes, started as each rollout worker's "
+        "samples arrive, so grading overlaps generation. 'local': threads in the driver, after the whole "
+        "batch is collected (the behaviour before grading moved to Ray).",
+    )
+    num_workers: int = Field(
+        4, ge=1, description="ray: grading tasks running at once; local: grading threads in the driver."
+    )
+    chunk_size: int = Field(8, ge=1, description="ray: samples per grading task (graded one at a time).")
+    timeout_s: float | Literal["auto"] | None = Field(
+        "auto",
+        description="Per-sample limit, past which a verifier's sample scores 0: 'auto' = the verifier's own "
+        "worst case plus a grace where it declares one (the code verifier: per-run limit x runs), else "
+        "60 s (verifiers.score_batch); a number of seconds for every sample; null = none.",
+    )
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _positive_timeout(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, int | float) and value <= 0:
+            raise ValueError(f"must be > 0 seconds, 'auto' or null, got {value}")
+        return value
+
+    cpus_per_task: float = Field(
+        0.0,
+        ge=0,
+        description="ray: CPUs each grading task reserves. 0 = none (num_workers alone bounds them; safe "
+        "when actors hold every CPU Ray knows of); 1 on a cluster whose spare CPUs should do the grading.",
+    )
+
+
 class LearnersConfig(Section):
     """DeepSpeed learner actors that own the trainable policy."""
 
@@ -226,7 +261,24 @@ class LearnersConfig(Section):
     zero_stage: Literal[2, 3] = Field(
         2, description="DeepSpeed ZeRO stage: 2 (shard grads+optimizer) or 3 (+params)."
     )
-    micro_batch_tokens: int = Field(4096, ge=1, description="Token budget of one micro-batch (padded).")
+    micro_batch_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Token budget of one micro-batch: the tokens its forward and backward compute, padding "
+        "included (a longer sequence gets a micro-batch of its own).",
+    )
+    sequence_packing: bool = Field(
+        True,
+        description="Pack micro-batches: several sequences share a row (as wide as the micro-batch's longest "
+        "sequence), positions restart and attention stays inside each sequence, so padding is not "
+        "computed. Losses still see one sequence per row (per-response means, advantages and the global "
+        "normalisation are unchanged). false = consecutive rows right-padded to the longest.",
+    )
+    balance_ranks: bool = Field(
+        True,
+        description="Give rows to the data-parallel learners by tokens (longest first, to the least-loaded "
+        "rank) rather than in contiguous slices, so no rank waits on another's long tail.",
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clipping; None = off.")
     lr_schedule: Literal["wsd", "cosine", "constant"] = Field(
         "constant", description="wsd = warmup-stable-decay; cosine (with warmup); constant (with warmup)."

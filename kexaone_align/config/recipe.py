@@ -14,6 +14,7 @@ from kexaone_align.config.infra import (
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
+    GradingConfig,
     LearnersConfig,
     LoggingConfig,
     RolloutConfig,
@@ -66,6 +67,9 @@ class Recipe(Section):
     verifiers: dict[str, str] = Field(
         default_factory=dict,
         description="task -> verifier reference: a registered name, 'module:attr' or 'path/to/file.py:attr'.",
+    )
+    grading: GradingConfig = Field(
+        default_factory=GradingConfig, description="Rule-verifier grading of rollouts (workers, limits)."
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics sinks.")

@@ -152,7 +152,45 @@ def shard_rows(num_rows: int, num_shards: int) -> list[list[int]]:
     return out
 
 
-def shard_batch(batch: dict[str, Tensor], num_shards: int) -> list[dict[str, Tensor]]:
-    """Split a batch's rows across ``num_shards`` data-parallel learners."""
+def balanced_shard_rows(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
+    """Rows to ranks by tokens: longest first, each to the least-loaded rank (ties: lowest rank).
+
+    Every rank then holds about ``sum(lengths) / num_shards`` tokens, where contiguous slices of a
+    long-tailed batch can leave one rank with most of them. Deterministic; each rank's rows come out
+    in input order.
+    """
+    if num_shards < 1:
+        raise KexaoneError(f"number of shards must be >= 1, got {num_shards}")
+    loads = [0] * num_shards
+    out: list[list[int]] = [[] for _ in range(num_shards)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)):
+        rank = min(range(num_shards), key=lambda r: (loads[r], len(out[r]), r))
+        out[rank].append(index)
+        loads[rank] += int(lengths[index])
+    return [sorted(rows) for rows in out]
+
+
+def shard_plan(batch: dict[str, Tensor], num_shards: int, *, balance: bool = False) -> list[list[int]]:
+    """Each data-parallel rank's rows: token-balanced (``balance``) or contiguous slices."""
     num_rows = validate_batch(batch)
-    return [select_rows(batch, rows) for rows in shard_rows(num_rows, num_shards)]
+    if balance:
+        return balanced_shard_rows(batch["attention_mask"].sum(dim=1).tolist(), num_shards)
+    return shard_rows(num_rows, num_shards)
+
+
+def trim_columns(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch cut to the columns that hold a real token in some row (what a rank ships and pads)."""
+    mask = batch["attention_mask"]
+    if mask.numel() == 0:
+        return batch
+    used = mask.bool().any(dim=0).nonzero().flatten()
+    if used.numel() == 0:
+        return batch
+    return take(batch, MicroBatch(tuple(range(mask.shape[0])), int(used[0]), int(used[-1]) + 1))
+
+
+def shard_batch(
+    batch: dict[str, Tensor], num_shards: int, *, balance: bool = False
+) -> list[dict[str, Tensor]]:
+    """Split a batch's rows across ``num_shards`` data-parallel learners (see ``shard_plan``)."""
+    return [trim_columns(select_rows(batch, rows)) for rows in shard_plan(batch, num_shards, balance=balance)]

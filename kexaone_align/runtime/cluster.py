@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from kexaone_align.errors import KexaoneError
-from kexaone_align.runtime.batching import shard_batch
+from kexaone_align.runtime.batching import select_rows, shard_plan, trim_columns
 from kexaone_align.runtime.learner import LearnerConfig, LossFn, learner_actor_class
 from kexaone_align.runtime.metric_reduce import combine
 
@@ -89,13 +89,15 @@ class LearnerGroup:
         """Split ``batch`` by rank, take one optimizer step on every learner, combine the metrics."""
         import ray
 
-        shards = shard_batch(batch, self.num_learners)
+        shards = self._shards(batch)
         results = ray.get([a.train_step.remote(s, loss_fn) for a, s in zip(self.actors, shards, strict=True)])
         first = results[0]
         out = {k: first[k] for k in ("loss", "grad_norm", "lr") if k in first}
         if "aux_loss" in first:
             out["aux_loss"] = first["aux_loss"]
         tokens = sum(r["learner_tokens"] for r in results)
+        if all("computed_tokens" in r for r in results):  # padding included: what the ranks ran
+            out["computed_tokens"] = sum(r["computed_tokens"] for r in results)
         slowest = max(r["step_time_s"] for r in results)
         out.update(
             learner_tokens=tokens,
@@ -120,9 +122,18 @@ class LearnerGroup:
         import ray
         import torch
 
-        shards = shard_batch(batch, self.num_learners)
+        plan = shard_plan(batch, self.num_learners, balance=self.config.balance_ranks)
+        shards = [select_rows(batch, rows) for rows in plan]
         parts = ray.get([a.forward_logprobs.remote(s) for a, s in zip(self.actors, shards, strict=True)])
-        return torch.cat(parts, dim=0)
+        out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        for rows, part in zip(plan, parts, strict=True):
+            out[torch.as_tensor(rows, dtype=torch.long)] = part
+        return out
+
+    def _shards(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """Each rank's rows (token-balanced with ``balance_ranks``), cut to the columns they use."""
+        plan = shard_plan(batch, self.num_learners, balance=self.config.balance_ranks)
+        return [trim_columns(select_rows(batch, rows)) for rows in plan]
 
     def state_dict_stream(self, bucket_bytes: int = 1 << 28) -> Iterator[list[tuple[str, Tensor]]]:
         """Full parameters bucket by bucket from rank 0; under ZeRO-3 the other ranks join each gather in

@@ -16,12 +16,11 @@ sample and attention stays inside each sample (``packed_forward_kwargs``), so sa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,11 @@ from torch import Tensor, nn
 
 from kexaone_align.algorithms.logprobs import chunked_token_logprobs
 from kexaone_align.errors import KexaoneError
-from kexaone_align.runtime.batching import plan_micro_batches, take, validate_batch
+from kexaone_align.runtime.batching import validate_batch
+from kexaone_align.runtime.learner_weights import LearnerWeightsMixin, param_numel
 from kexaone_align.runtime.lr_schedules import SCHEDULES, lr_multiplier_fn
 from kexaone_align.runtime.metric_reduce import MetricAccumulator
+from kexaone_align.runtime.packed_micro import Micro, make_micros
 
 if not torch.cuda.is_available():  # DeepSpeed reads this when it first picks an accelerator
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -59,7 +60,9 @@ class LearnerConfig:
     stable_steps: int = 0  # wsd only
     decay_steps: int = 0  # cosine and wsd
     min_lr_ratio: float = 0.0
-    micro_batch_tokens: int = 4096  # padded tokens per micro-batch (forward + backward)
+    micro_batch_tokens: int = 4096  # computed tokens per micro-batch (forward + backward), padding included
+    sequence_packing: bool = False  # micro-batches of packed rows (runtime.packed_micro), else padded rows
+    balance_ranks: bool = False  # LearnerGroup: rows to ranks by tokens (longest first), else contiguous
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # transformers kernels; None = transformers' defaults
     experts_implementation: str | None = None
@@ -261,15 +264,11 @@ def _packed_inputs(input_ids: Tensor, sequence_ids: Tensor, config: Any) -> dict
     return kwargs
 
 
-def _param_numel(param: Tensor) -> int:
-    return int(getattr(param, "ds_numel", param.numel()))
-
-
 def _to_float(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, Tensor) else float(value)
 
 
-class Learner:
+class Learner(LearnerWeightsMixin):
     """One data-parallel rank of the policy learner (see the module docstring)."""
 
     def __init__(self, model_path: str | Path, config: LearnerConfig) -> None:
@@ -338,8 +337,8 @@ class Learner:
             dist_init_required=False,
         )
         self.device = self.engine.device
-        trainable = sum(_param_numel(p) for p in policy.parameters() if p.requires_grad)
-        total = sum(_param_numel(p) for p in policy.parameters())
+        trainable = sum(param_numel(p) for p in policy.parameters() if p.requires_grad)
+        total = sum(param_numel(p) for p in policy.parameters())
         return {"rank": rank, "world_size": world_size, "trainable_params": trainable, "total_params": total}
 
     def _init_distributed(self, rank: int, world_size: int, addr: str, port: int) -> None:
@@ -438,15 +437,24 @@ class Learner:
         ones = torch.ones_like(ids)
         return {"input_ids": ids, "attention_mask": ones, "loss_mask": torch.zeros_like(ids)}
 
-    def _micro_batches(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    def _micro_batches(self, batch: dict[str, Tensor]) -> list[Micro]:
         rows = validate_batch(batch) if batch["input_ids"].numel() else 0
         if rows == 0:
             return []
         batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        return [
-            take(batch, m)
-            for m in plan_micro_batches(batch["attention_mask"], self.config.micro_batch_tokens)
-        ]
+        pad = int(getattr(self.policy.config, "pad_token_id", 0) or 0)
+        cfg = self.config
+        return make_micros(batch, cfg.micro_batch_tokens, packing=cfg.sequence_packing, pad_token_id=pad)
+
+    def _forward(self, inputs: dict[str, Tensor], with_aux: bool) -> tuple[Tensor, Tensor | None]:
+        engine = self._require_engine()
+        return engine(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["loss_mask"],
+            with_aux,
+            inputs.get("sequence_ids"),
+        )
 
     def train_step(self, batch: dict[str, Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this rank's rows; every rank of the group must call it together.
@@ -460,12 +468,12 @@ class Learner:
             raise KexaoneError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         started = time.perf_counter()
         micros = self._micro_batches(batch)
-        weights = [self._loss_weight(m) for m in micros]
+        weights = [self._loss_weight(m.view) for m in micros]
         local_weight = sum(weights)
         (num_steps,) = self._all_reduce(
             [float(max(1, len(micros)))], "max"
         )  # >= 1: DS steps after a backward
-        local_rows = float(sum(m["input_ids"].shape[0] for m in micros))
+        local_rows = float(sum(m.view["input_ids"].shape[0] for m in micros))
         global_weight, global_rows = self._all_reduce([local_weight, local_rows], "sum")
         normaliser = global_weight if global_weight > 0 else 1.0
         lr = float(engine.get_lr()[0])
@@ -475,17 +483,10 @@ class Learner:
         step_metrics = MetricAccumulator()
         for i in range(int(num_steps)):
             real = i < len(micros)
-            micro = micros[i] if real else self._dummy_micro_batch()
             engine.set_gradient_accumulation_boundary(i == int(num_steps) - 1)
-            logprobs, aux = engine(
-                micro["input_ids"],
-                micro["attention_mask"],
-                micro["loss_mask"],
-                with_aux,
-                micro.get("sequence_ids"),
-            )
-            if real:
-                loss, metrics = loss_fn(logprobs, micro)
+            logprobs, aux = self._forward(micros[i].forward if real else self._dummy_micro_batch(), with_aux)
+            if real:  # the loss sees the padded view (packed log-probs are gathered back into it)
+                loss, metrics = loss_fn(micros[i].unpack(logprobs), micros[i].view)
                 share = weights[i] / normaliser
                 total = loss * share
                 if with_aux:
@@ -501,7 +502,8 @@ class Learner:
         self.steps += 1
         elapsed = time.perf_counter() - started
         global_loss, global_aux = self._all_reduce([loss_sum, aux_sum], "sum")
-        tokens = float(sum(float(m["attention_mask"].sum()) for m in micros))
+        tokens = float(sum(float(m.view["attention_mask"].sum()) for m in micros))
+        computed = float(sum(m.computed_tokens for m in micros))
         grad_norm = engine.get_global_grad_norm()
         out = {
             "loss": global_loss,
@@ -509,6 +511,7 @@ class Learner:
             "lr": lr,
             "learner_tokens": tokens,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "computed_tokens": computed,
             "loss_weight": local_weight,
             "micro_batches": float(len(micros)),
             "step_time_s": elapsed,
@@ -540,155 +543,18 @@ class Learner:
             batch["loss_mask"] = batch["attention_mask"]
         n, t = batch["input_ids"].shape
         result = torch.zeros((n, t), dtype=torch.float32)
-        plan = plan_micro_batches(batch["attention_mask"], self.config.micro_batch_tokens) if n else []
-        on_device = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        (num_steps,) = self._all_reduce([float(len(plan))], "max")
+        micros = self._micro_batches(batch) if n else []
+        (num_steps,) = self._all_reduce([float(len(micros))], "max")
         engine.eval()
         for i in range(int(num_steps)):
-            micro = take(on_device, plan[i]) if i < len(plan) else self._dummy_micro_batch()
-            logprobs, _ = engine(
-                micro["input_ids"],
-                micro["attention_mask"],
-                micro["loss_mask"],
-                False,
-                micro.get("sequence_ids"),
-            )
-            if i < len(plan):
-                rows = torch.as_tensor(plan[i].rows, dtype=torch.long)
-                result[rows, plan[i].start : plan[i].stop] = logprobs.float().cpu()
+            inputs = micros[i].forward if i < len(micros) else self._dummy_micro_batch()
+            logprobs, _ = self._forward(inputs, False)
+            if i < len(micros):
+                plan = micros[i].plan
+                rows = torch.as_tensor(plan.rows, dtype=torch.long)
+                result[rows, plan.start : plan.stop] = micros[i].unpack(logprobs).float().cpu()
         engine.train()
         return result
-
-    # ------------------------------------------------------------------------------ weights out
-    def _state_entries(self) -> list[tuple[str, Tensor]]:
-        """HF state-dict names with their (possibly ZeRO-3-partitioned) tensors, state-dict order."""
-        return list(self.policy.state_dict(keep_vars=True).items())
-
-    def _bucket_plan(self, bucket_bytes: int) -> list[list[int]]:
-        if bucket_bytes < 1:
-            raise KexaoneError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-        plan: list[list[int]] = []
-        current: list[int] = []
-        used = 0
-        for index, (_, tensor) in enumerate(self._state_entries()):
-            size = _param_numel(tensor) * tensor.element_size()
-            if current and used + size > bucket_bytes:
-                plan.append(current)
-                current, used = [], 0
-            current.append(index)
-            used += size
-        if current:
-            plan.append(current)
-        return plan
-
-    def state_dict_num_buckets(self, bucket_bytes: int) -> int:
-        """How many buckets ``state_dict_bucket`` serves at this bucket size."""
-        self._require_engine()
-        return len(self._bucket_plan(bucket_bytes))
-
-    def _gather(self, tensors: list[Tensor]) -> Any:
-        """Context in which ZeRO-3-partitioned ``tensors`` are whole (every rank must enter it together)."""
-        partitioned = list({id(t): t for t in tensors if hasattr(t, "ds_id")}.values())
-        if not partitioned:
-            return contextlib.nullcontext()
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-        return GatheredParameters(partitioned, modifier_rank=None)
-
-    def _gathered_buckets(
-        self, bucket_bytes: int, *, start: int = 0, to_cpu: bool = True
-    ) -> Iterator[list[tuple[str, Tensor]]]:
-        """Buckets ``start..`` of full tensors, each gathered on demand (one bucket gathered at a time).
-
-        ``to_cpu=False`` yields views of the gathered parameters, valid only until the next item is
-        asked for: the caller must copy them out first (the collective sender flattens them at once).
-        """
-        plan = self._bucket_plan(bucket_bytes)
-        entries = self._state_entries()
-        for index in range(start, len(plan)):
-            chosen = [entries[i] for i in plan[index]]
-            with self._gather([t for _, t in chosen]):
-                if to_cpu:
-                    yield [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in chosen]
-                else:
-                    yield [(name, tensor.detach()) for name, tensor in chosen]
-
-    def state_dict_bucket(self, index: int, bucket_bytes: int) -> list[tuple[str, Tensor]]:
-        """Bucket ``index`` of full (unsharded) CPU tensors; under ZeRO-3 all ranks must call it together.
-
-        Only this bucket's parameters are gathered, so peak extra memory is one bucket (a tensor
-        larger than ``bucket_bytes`` gets a bucket of its own).
-        """
-        self._require_engine()
-        plan = self._bucket_plan(bucket_bytes)
-        if not 0 <= index < len(plan):
-            raise KexaoneError(f"state-dict bucket {index} out of range (0..{len(plan) - 1})")
-        entries = self._state_entries()
-        chosen = [entries[i] for i in plan[index]]
-        with self._gather([t for _, t in chosen]):
-            return [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in chosen]
-
-    def state_dict_stream(self, bucket_bytes: int = 1 << 28) -> Iterator[list[tuple[str, Tensor]]]:
-        """Yield the full policy state dict bucket by bucket, as CPU tensors.
-
-        Rank 0's side of the object-store weight push (a Ray streaming generator); under ZeRO-3 the
-        other ranks must run :meth:`join_state_dict_gathers` at the same time.
-        """
-        self._require_engine()
-        yield from self._gathered_buckets(bucket_bytes)
-
-    def join_state_dict_gathers(self, bucket_bytes: int, start: int = 0) -> int:
-        """Take part in the ZeRO-3 gather of buckets ``start..`` without copying or returning anything.
-
-        What every rank but the sending one runs during a weight push or a streamed state dict: the
-        gathers are collective, but only one rank needs the data. Returns the number of gathers joined;
-        0 without ZeRO-3 partitioning (ZeRO-2: rank 0 has every weight and there is no collective).
-        """
-        self._require_engine()
-        if not any(hasattr(t, "ds_id") for _, t in self._state_entries()):
-            return 0
-        joined = 0
-        for _ in self._gathered_buckets(bucket_bytes, start=start, to_cpu=False):
-            joined += 1
-        return joined
-
-    # ------------------------------------------------------------------- collective weight push
-    def weight_sync_endpoint(self) -> dict[str, Any]:
-        """Where this rank would host the weight-sync side group: node address, a free port, and the
-        backend its tensors need (nccl on CUDA, gloo on CPU)."""
-        from kexaone_align.runtime.weight_sync import sync_endpoint
-
-        engine = self._require_engine()
-        return sync_endpoint("nccl" if torch.device(engine.device).type == "cuda" else "gloo")
-
-    def join_weight_sync_group(self, host: str, port: int, world_size: int, backend: str) -> None:
-        """Open the side group to the rollout workers as its rank 0 (learner rank 0 only); kept until
-        the next call, which replaces it (a rollout worker was replaced)."""
-        from kexaone_align.runtime.weight_sync import BroadcastSender
-
-        engine = self._require_engine()
-        if self.rank != 0:
-            raise KexaoneError(f"only learner rank 0 sends weights; rank {self.rank} cannot join as sender")
-        if self._sender is None:
-            self._sender = BroadcastSender()
-        device = engine.device if backend == "nccl" else "cpu"
-        self._sender.join(host, port, world_size, backend, device)
-
-    def broadcast_weights(self, version: int, bucket_bytes: int, keep: bool = False) -> dict[str, Any]:
-        """Learner rank 0's whole collective push in one call: gather each bucket (with the other ranks
-        running :meth:`join_state_dict_gathers`), broadcast it, then the end marker.
-
-        The gathered parameters are flattened straight into the broadcast buffer (no CPU copy on the
-        nccl path). ``keep`` also puts a CPU copy of each bucket into Ray's object store for replacing a
-        rollout worker later. Returns ``{bytes, tensors, buckets, kept}``.
-        """
-        self._require_engine()
-        if self.rank != 0 or self._sender is None:
-            raise KexaoneError(
-                "broadcast_weights needs learner rank 0 after join_weight_sync_group "
-                f"(this is rank {self.rank}, group joined: {self._sender is not None})"
-            )
-        return self._sender.send(version, self._gathered_buckets(bucket_bytes, to_cpu=False), keep=keep)
 
     # ------------------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> str:
@@ -707,56 +573,6 @@ class Learner:
             raise KexaoneError(f"DeepSpeed could not load the learner checkpoint in {directory}")
         self.steps = int((client_state or {}).get("learner_steps", 0))
         return self.steps
-
-    def export_hf(
-        self,
-        directory: str | Path,
-        tokenizer_path: str | Path | None = None,
-        max_shard_bytes: int = 5 * 10**9,
-        bucket_bytes: int = 1 << 28,
-    ) -> str | None:
-        """Write the policy in Hugging Face format, streaming (rank 0 writes; under ZeRO-3 all ranks call).
-
-        Shards of at most ``max_shard_bytes`` are written as the gathered buckets arrive
-        (``runtime.export``), so rank 0 never holds more than about one shard plus one bucket, instead
-        of the whole state dict ``save_pretrained`` would need. ``last_export`` records what was written.
-        """
-        from kexaone_align.runtime import export
-
-        self._require_engine()
-        entries = self._state_entries()
-        sharded = any(hasattr(t, "ds_id") for _, t in entries)
-        if self.rank != 0 and not sharded:
-            return None  # ZeRO-2: rank 0 has every weight, no collective to join
-        # every rank plans (cheap: meta tensors), so a model that cannot be streamed fails on all ranks
-        # alike instead of leaving the others waiting in a ZeRO-3 gather
-        plan = export.plan_export(self.policy, entries, max_shard_bytes)
-        del entries
-        bucket_bytes = max(1, min(bucket_bytes, max_shard_bytes))
-
-        def buckets() -> Iterator[list[tuple[str, Tensor]]]:
-            for index in range(self.state_dict_num_buckets(bucket_bytes)):
-                yield self.state_dict_bucket(index, bucket_bytes)
-
-        if self.rank != 0:
-            self.join_state_dict_gathers(bucket_bytes)  # join every gather; rank 0 writes
-            return None
-        directory = Path(directory)
-        writer = export.stream_export(self.policy, plan, buckets(), directory)
-        dtype = next((p.dtype for p in self.policy.parameters() if p.is_floating_point()), torch.float32)
-        export.write_model_files(self.policy, directory, dtype)
-        if tokenizer_path is not None:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(str(tokenizer_path)).save_pretrained(directory)
-        self.last_export = {
-            "files": plan.files,
-            "total_size": plan.total_size,
-            "peak_held_bytes": writer.peak_held_bytes,
-            "max_shard_bytes": max_shard_bytes,
-            "bucket_bytes": bucket_bytes,
-        }
-        return str(directory)
 
     def describe(self) -> dict[str, Any]:
         """Config and progress, for logs."""

@@ -54,18 +54,20 @@ from kexaone_align.stages.common import (
 )
 
 logger = logging.getLogger(__name__)
-VERIFY_WORKERS = 4
 
 
 def grade_with_verifiers(router: Any, samples: list[Any]) -> list[float]:
-    """Rule rewards in [0, 1] from the recipe's verifiers (failures and timeouts score 0)."""
+    """Rule rewards in [0, 1] in this process, with the default ``grading`` workers and limit (for
+    callers without a recipe; the stage grades through ``rl.make_grader``)."""
+    from kexaone_align.config import GradingConfig
     from kexaone_align.verifiers import score_batch
 
     if not samples:
         return []
-    # Each sample gets its verifier's own worst case as its limit (score_batch's default), so a slow
+    # Each sample gets its verifier's own worst case as its limit (grading.timeout_s 'auto'), so a slow
     # but legal program's verdict is kept and no sandbox outlives its grading thread.
-    return score_batch(samples, router, max_workers=VERIFY_WORKERS).rewards
+    cfg = GradingConfig()
+    return score_batch(samples, router, max_workers=cfg.num_workers, timeout_s=cfg.timeout_s).rewards
 
 
 def advantages_for(rewards: torch.Tensor, zero_variance_filter: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +94,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     train_rows, held_rows, long_prompts = rl.prompt_sets(recipe, tokenizer)
     router = TaskRouter(recipe.verifiers or None)
-    grade = functools.partial(rl.grade_mixed, functools.partial(grade_with_verifiers, router))
+    grader = rl.make_grader(recipe, router)  # Ray tasks, fed as each worker's samples arrive
+    grade = functools.partial(rl.grade_mixed, grader.grade)
     roll = recipe.rollout
     sampling, logprob_settings = rl.agapo_sampling(recipe)  # agapo.ratio_distribution, both sides
     tools = rl.tool_limits(recipe)  # bounds of the tool episodes (rows with an environment)
@@ -172,7 +175,12 @@ def run(recipe: Recipe) -> dict[str, Any]:
             pending = launch()
             while run_.step < steps:
                 rows, launched, _ = pending  # futures, or (samples, metrics) a periodic eval collected
-                samples, metrics = launched if isinstance(launched, tuple) else pool.collect(launched)
+                feed = functools.partial(rl.submit_for_grading, grader, tokenizer, rows)
+                if isinstance(launched, tuple):  # collected before the evaluation's own grading: graded now
+                    samples, metrics = launched
+                    feed(samples)
+                else:
+                    samples, metrics = pool.collect(launched, on_result=feed)
                 more = run_.step + 1 < steps
                 sync_metrics: dict[str, float] = {}
                 if pipelined and more:  # step k+1's rollout runs while the learner works on step k
@@ -181,7 +189,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 groups = rl.group_samples(rows, samples)
                 groups, dropped, staleness = rl.split_stale(groups, version, max_staleness)
                 counters["dropped_stale"] += dropped
-                rewards = rl.assign_rewards(groups, grade(rl.verifier_samples(tokenizer, groups)))
+                by_key, grading = grader.wait()
+                rewards = rl.graded_rewards(tokenizer, groups, by_key)
+                metrics.update(grading)
                 metrics.update(rl.per_task_means(groups, "reward"))
                 metrics.update(rl.response_stats([s for g in groups for s in g.samples]))
                 metrics.update(rl.episode_metrics(groups))
@@ -244,6 +254,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
             }
             return finish_stage(run_, learners, summary, tokenizer=tok_path)
         finally:
+            grader.close()
             if pool is not None:
                 pool.shutdown()
             learners.shutdown()

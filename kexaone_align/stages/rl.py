@@ -266,6 +266,47 @@ def episode_metrics(groups: Sequence[Group], prefix: str = "tools") -> dict[str,
     return out
 
 
+def make_grader(recipe: Any, router: Any) -> Any:
+    """The recipe's ``grading`` section as a ``runtime.grading.StreamingGrader`` over ``router``."""
+    from kexaone_align.runtime.grading import StreamingGrader
+
+    g = recipe.grading
+    return StreamingGrader(
+        router, backend=g.backend, num_workers=g.num_workers, chunk_size=g.chunk_size,
+        timeout_s=g.timeout_s, cpus_per_task=g.cpus_per_task,
+    )  # fmt: skip
+
+
+def sample_key(sample: RolloutSample) -> tuple[str, int]:
+    """What names a sample's reward while grading streams: its request and index in the group."""
+    return (sample.request_id, sample.sample_index)
+
+
+def submit_for_grading(
+    grader: Any, tokenizer: Any, rows: Sequence[PromptRow], part: Sequence[RolloutSample]
+) -> None:
+    """``RolloutPool.collect``'s ``on_result`` (bind the first three arguments): grade ``part`` now."""
+    plain = [s for s in part if "episode" not in s.metadata]  # tool episodes: their environment scored them
+    out = []
+    for s in plain:
+        row = rows[int(s.metadata["row"])]
+        text = decode_response(tokenizer, s)
+        out.append(Sample(row.messages, text, row.reference, row.task, dict(row.metadata)))
+    grader.submit([sample_key(s) for s in plain], out)
+
+
+def graded_rewards(tokenizer: Any, groups: Sequence[Group], rewards: dict[Any, float]) -> Tensor:
+    """Store streamed rewards (by ``sample_key``) and response texts on ``groups``; ``[P, G]`` rewards."""
+    for g in groups:
+        g.texts = [decode_response(tokenizer, s) for s in g.samples]
+    flat = [
+        float(s.metadata["episode"]["reward"]) if "episode" in s.metadata else rewards[sample_key(s)]
+        for g in groups
+        for s in g.samples
+    ]
+    return assign_rewards(groups, flat)
+
+
 def assign_rewards(groups: Sequence[Group], rewards: Sequence[float]) -> Tensor:
     """Store rewards on their groups and return them as ``[P, G]`` (every group must have G samples)."""
     sizes = {len(g.samples) for g in groups}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,10 +150,13 @@ class RolloutPool:
         faults.fire("rollout.submitted", pool=self, jobs=jobs)
         return [job.ref for job in jobs]
 
-    def collect(self, futures: Sequence[Any]) -> tuple[list[RolloutSample], dict[str, float]]:
+    def collect(
+        self, futures: Sequence[Any], on_result: Callable[[list[RolloutSample]], None] | None = None
+    ) -> tuple[list[RolloutSample], dict[str, float]]:
         """Wait for :meth:`submit`'s futures; returns the samples (in order) and the workers' throughput.
 
         A future whose worker died is re-issued, whole, to the worker's replacement (see the class doc).
+        ``on_result`` is called with each worker's samples as they arrive (grading starts there).
         """
         import ray
         from ray.exceptions import RayActorError
@@ -180,6 +183,8 @@ class RolloutPool:
             job = jobs[k]
             try:
                 results[k] = ray.get(job.ref)
+                if on_result is not None:
+                    on_result(results[k])
             except RayActorError as exc:
                 if not _died(exc, job.actor):  # e.g. an argument's producer died: not this worker
                     raise
