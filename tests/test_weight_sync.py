@@ -9,13 +9,8 @@ from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
 from kexaone_align.runtime.rollout.hf import HFRolloutBackend
 from kexaone_align.runtime.rollout.tiny import tiny_exaone_moe
-from kexaone_align.runtime.weight_sync import (
-    WeightSync,
-    bucket_nbytes,
-    bucketize,
-    flatten_bucket,
-    unflatten_bucket,
-)
+from kexaone_align.runtime.weight_sync import WeightSync
+from kexaone_align.runtime.weight_wire import bucket_nbytes, bucketize, flatten_bucket, unflatten_bucket
 
 PROBE = [[1, 9, 33, 70, 4, 200, 17, 3, 88, 91, 5, 6]]  # longer than the sliding window
 
@@ -134,7 +129,7 @@ def _in_threads(*fns):
 @pytest.fixture(scope="module")
 def side_group():
     """Rank 0 sends, ranks 1 and 2 receive; one group for the module (opening one costs ~0.1 s)."""
-    from kexaone_align.runtime.weight_sync import free_port, open_sync_group
+    from kexaone_align.runtime.weight_wire import free_port, open_sync_group
 
     port = free_port()
     groups, errors = _in_threads(
@@ -145,7 +140,7 @@ def side_group():
 
 
 def test_broadcast_protocol_loads_drains_refuses_and_aborts(side_group):
-    from kexaone_align.runtime.weight_sync import (
+    from kexaone_align.runtime.weight_wire import (
         BroadcastSender,
         broadcast_buckets,
         receive_buckets,
@@ -247,7 +242,7 @@ def test_broadcast_protocol_loads_drains_refuses_and_aborts(side_group):
 
 
 def test_nccl_side_group_needs_cuda_and_unknown_backends_are_refused():
-    from kexaone_align.runtime.weight_sync import open_sync_group
+    from kexaone_align.runtime.weight_wire import open_sync_group
 
     if not torch.cuda.is_available():
         with pytest.raises(KexaoneError, match="nccl weight-sync group needs CUDA"):

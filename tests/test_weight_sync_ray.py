@@ -12,12 +12,8 @@ from kexaone_align.errors import KexaoneError
 from kexaone_align.models.tiny import build_tiny_checkpoint
 from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
 from kexaone_align.runtime.rollout.worker import remote_rollout_worker
-from kexaone_align.runtime.weight_sync import (
-    CheckpointWeightSource,
-    WeightSync,
-    bucketize,
-    sync_from_learners,
-)
+from kexaone_align.runtime.weight_sync import CheckpointWeightSource, WeightSync, sync_from_learners
+from kexaone_align.runtime.weight_wire import bucketize
 
 ray = pytest.importorskip("ray")
 

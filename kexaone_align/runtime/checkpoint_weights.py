@@ -32,12 +32,12 @@ class CheckpointStreamer:
 
     # the collective transport: this process is the sender, as learner rank 0 is
     def weight_sync_endpoint(self) -> dict[str, Any]:
-        from kexaone_align.runtime.weight_sync import sync_endpoint
+        from kexaone_align.runtime.weight_wire import sync_endpoint
 
         return sync_endpoint("gloo")
 
     def join_weight_sync_group(self, host: str, port: int, world_size: int, backend: str) -> None:
-        from kexaone_align.runtime.weight_sync import BroadcastSender
+        from kexaone_align.runtime.weight_wire import BroadcastSender
 
         if getattr(self, "_sender", None) is None:
             self._sender = BroadcastSender()

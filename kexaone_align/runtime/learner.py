@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from kexaone_align.runtime.learner_weights import LearnerWeightsMixin, param_num
 from kexaone_align.runtime.lr_schedules import SCHEDULES, lr_multiplier_fn
 from kexaone_align.runtime.metric_reduce import MetricAccumulator
 from kexaone_align.runtime.packed_micro import Micro, make_micros
+from kexaone_align.runtime.weight_wire import free_port
 
 if not torch.cuda.is_available():  # DeepSpeed reads this when it first picks an accelerator
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -153,13 +153,6 @@ def deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return _deep_merge(ds, config.ds_config_overrides)
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for the torch.distributed rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 def mark_moe_blocks_as_zero3_leaves(policy: nn.Module) -> None:

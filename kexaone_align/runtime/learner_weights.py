@@ -128,7 +128,7 @@ class LearnerWeightsMixin:
     def weight_sync_endpoint(self) -> dict[str, Any]:
         """Where this rank would host the weight-sync side group: node address, a free port, and the
         backend its tensors need (nccl on CUDA, gloo on CPU)."""
-        from kexaone_align.runtime.weight_sync import sync_endpoint
+        from kexaone_align.runtime.weight_wire import sync_endpoint
 
         engine = self._require_engine()
         return sync_endpoint("nccl" if torch.device(engine.device).type == "cuda" else "gloo")
@@ -136,7 +136,7 @@ class LearnerWeightsMixin:
     def join_weight_sync_group(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Open the side group to the rollout workers as its rank 0 (learner rank 0 only); kept until
         the next call, which replaces it (a rollout worker was replaced)."""
-        from kexaone_align.runtime.weight_sync import BroadcastSender
+        from kexaone_align.runtime.weight_wire import BroadcastSender
 
         engine = self._require_engine()
         if self.rank != 0:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kexaone_align.runtime.weight_sync import Bucket, TensorMeta, open_sync_group, unflatten_bucket
+from kexaone_align.runtime.weight_wire import Bucket, TensorMeta, open_sync_group, unflatten_bucket
 
 # in-memory transformers name -> the checkpoint name vLLM's ExaoneMoe loader maps
 _RENAMES = ((".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias"),)
@@ -44,7 +44,7 @@ def checkpoint_names(bucket: Iterable[tuple[str, torch.Tensor]]) -> Bucket:
 
 def pack_bucket(bucket: Bucket) -> tuple[list[TensorMeta], bytes]:
     """A bucket as (metadata, one byte string): what ``collective_rpc`` can carry to every worker."""
-    from kexaone_align.runtime.weight_sync import flatten_bucket
+    from kexaone_align.runtime.weight_wire import flatten_bucket
 
     flat, metas = flatten_bucket([(n, t.detach().cpu()) for n, t in bucket], device="cpu")
     return metas, flat.numpy().tobytes()
@@ -99,7 +99,7 @@ class WeightSyncWorkerExtension:
         """Receive one whole push (every bucket until the sender's end marker) and load it; returns
         ``{buckets, tensors, bytes}``. ``load=False`` receives and discards (a refused stale version), and
         a failed load still receives the rest, so the sender never waits forever."""
-        from kexaone_align.runtime.weight_sync import receive_into
+        from kexaone_align.runtime.weight_wire import receive_into
 
         if not load:
             return receive_into(self._kexaone_group, self.device, version, lambda bucket: None)

@@ -129,7 +129,7 @@ class RolloutWorker:
         if hasattr(self.backend, "join_weight_sync_group"):
             self.backend.join_weight_sync_group(host, port, rank_offset, world_size, backend)
             return
-        from kexaone_align.runtime.weight_sync import open_sync_group
+        from kexaone_align.runtime.weight_wire import open_sync_group
 
         self._group = None  # drop the old group before the rendezvous of the new one
         self._group = open_sync_group(host, port, rank_offset, world_size, backend)
@@ -146,7 +146,7 @@ class RolloutWorker:
         if hasattr(self.backend, "receive_weights"):
             result = self.backend.receive_weights(version)
             return dict(result) if isinstance(result, dict) else {}
-        from kexaone_align.runtime.weight_sync import receive_into
+        from kexaone_align.runtime.weight_wire import receive_into
 
         if self._group is None:
             raise KexaoneError(
