@@ -71,7 +71,7 @@ class PythonToolEnvironment(Environment):
         err = result.stderr.decode("utf-8", "replace")
         if result.setup_error:
             raise ToolError(f"the sandbox could not start: {result.setup_error}")
-        if result.timed_out:
+        if result.timed_out or result.killed_reason == "cpu_time":  # whichever limit a busy loop hits first
             raise ToolError(f"the program did not finish within {self.timeout_s:g} s")
         notes = []
         if result.stdout_truncated or (result.killed_reason and "output" in result.killed_reason):

@@ -35,9 +35,34 @@ def call(name: str, **args) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": args}) + "</tool_call>"
 
 
+_BEFORE: set[int] = set()
+
+
+def _live_children() -> set[int]:
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _children_before_the_test():
+    """Processes earlier tests of the session left running (a math pool, Ray) are not this test's."""
+    _BEFORE.clear()
+    _BEFORE.update(_live_children())
+    yield
+
+
 def no_children_left() -> bool:
-    time.sleep(0.05)
-    return not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    """No process this test started is still running (polled briefly: a killed group takes a moment)."""
+    deadline = time.monotonic() + 2.0
+    while _live_children() - _BEFORE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _live_children() - _BEFORE
 
 
 class SlowEnv(Environment):
