@@ -170,9 +170,12 @@ def test_expected_values_cannot_be_read_by_the_program():
         "        os.close(fd)\n"
         "    return sorted(seen)[0] if len(seen) == 1 else 'none'\n"
     )
-    res = _verify(spy, ref)
+    # Scanning every /proc entry and /tmp takes seconds in a long test session: a generous limit, so the
+    # verdict is the assert's (the secret was not found), not a timeout.
+    roomy = SandboxLimits(cpu_s=30, wall_s=45, memory_mb=512)
+    res = CodeVerifier(limits=roomy).verify(Sample("p", _answer(spy), ref, "code"))
     assert res.reward == 0.0, res.details
-    assert "assertion failed" in res.details["tests"][0]["reason"]
+    assert "assertion failed" in res.details["tests"][0]["reason"], res.details
 
 
 def test_slow_call_fails_even_when_the_test_swallows_exceptions():

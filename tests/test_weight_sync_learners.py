@@ -99,7 +99,9 @@ def assert_workers_hold_learner_weights(pool, learners, like: str) -> None:
         logit_diff = float((got - want).abs().max())
         lp_diff = float((worker_lp - learner_lp[:, 1:]).abs().max())
         print(f"max |logit - export logit| = {logit_diff:.2e}, |logprob - learner logprob| = {lp_diff:.2e}")
-        assert logit_diff <= 1e-6
+        # Not bitwise: in the full suite (never alone) the collective runs showed 1.7e-6, a reduction-order
+        # difference between processes; one wrong tensor moves these logits by orders of magnitude more.
+        assert logit_diff <= 1e-5
         assert lp_diff <= 1e-5, "rollout and learner log-probs differ"
 
 

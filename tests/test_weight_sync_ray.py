@@ -19,6 +19,13 @@ ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 
+
+def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The pushed weights serve the sender's logits. Not bitwise: in the full suite (never alone) a
+    1.7e-6 reduction-order difference between processes was seen; a wrong tensor moves them far more."""
+    assert (got - want).abs().max() <= 1e-5, (got - want).abs().max()
+
+
 PROBE = [[1, 9, 33, 70, 4, 200, 17, 3, 88, 91, 5, 6]]
 
 
@@ -67,7 +74,7 @@ def test_object_store_sync_from_learner_actor(workers, learner, checkpoints):
     sync = WeightSync(workers, transport="object_store", max_inflight_buckets=2)
     metrics = sync_from_learners([learner], sync, version=1, bucket_bytes=256 * 1024)
     for got in logits_of(workers):
-        assert torch.equal(got, target)
+        assert_same_logits(got, target)
     assert [p["policy_version"] for p in ray.get([w.ping.remote() for w in workers])] == [1, 1]
     assert metrics.num_buckets > 1 and metrics.num_workers == 2
     n_bytes = sum(
@@ -94,12 +101,12 @@ def test_object_store_sync_from_learner_actor(workers, learner, checkpoints):
 
 def test_gloo_broadcast_sync(workers, checkpoints):
     source = CheckpointWeightSource(checkpoints[2])
-    target = source.logits(PROBE)  # one intra-op thread here and in the workers: equality can be exact
+    target = source.logits(PROBE)
     version = ray.get(workers[0].ping.remote())["policy_version"] + 1
     sync = WeightSync(workers, transport="gloo", host="127.0.0.1")
     metrics = sync.push(version, bucketize(source.model.state_dict().items(), 256 * 1024))
     for got in logits_of(workers):
-        assert torch.equal(got, target)
+        assert_same_logits(got, target)
     assert [p["policy_version"] for p in ray.get([w.ping.remote() for w in workers])] == [version] * 2
     print(
         f"gloo sync: {metrics.num_bytes / 1e6:.2f} MB in {metrics.seconds:.3f}s = {metrics.gb_per_s:.3f} GB/s"
@@ -112,10 +119,10 @@ def test_collective_push_driven_from_a_learner_process(workers, learner):
     """The realistic shape: the process holding the full tensors (a learner) is rank 0 of the group."""
     version = ray.get(workers[0].ping.remote())["policy_version"] + 1
     target = ray.get(learner.logits.remote(PROBE))
-    assert not torch.equal(logits_of(workers)[0], target), "workers must hold other weights before the push"
+    assert (logits_of(workers)[0] - target).abs().max() > 1e-3, "other weights before the push"
     metrics = ray.get(learner.push_to.remote(workers, version, 1 << 20, "gloo"))
     for got in logits_of(workers):
-        assert torch.equal(got, target)
+        assert_same_logits(got, target)
     assert metrics.version == version and metrics.num_workers == 2
 
 
@@ -129,14 +136,14 @@ def test_learner_collective_transport_with_a_one_rank_stand_in(workers, learner,
     assert metrics.transport == "collective" and metrics.num_buckets > 10
     assert len(sync.kept) == metrics.num_buckets  # the copy for replacing a worker, put by the sender
     for got in logits_of(workers):
-        assert torch.equal(got, target)
+        assert_same_logits(got, target)
     key = sync._group_key
     with pytest.raises(KexaoneError, match="stale"):
         sync_from_learners([learner], sync, version, 256 * 1024)
 
     fresh = remote_rollout_worker("hf", num_cpus=0.5, model_path=checkpoints[0], max_batch_size=4)
     WeightSync([fresh], transport="object_store").push(version, sync.kept)  # as RolloutPool does
-    assert torch.equal(ray.get(fresh.logits.remote(PROBE)), target)
+    assert_same_logits(ray.get(fresh.logits.remote(PROBE)), target)
     sync.targets[1] = fresh
     try:
         sync_from_learners([learner], sync, version + 1, 256 * 1024)
