@@ -6,11 +6,9 @@ and data files (``path/to/env.json``, a stateful tool environment described as d
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
-import sys
 import threading
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -81,23 +79,9 @@ def _attr(obj: Any, attr: str, ref: str) -> Any:
 
 
 def _load_file(path: Path, ref: str) -> Any:
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module_name = f"_kexaone_user_environment_{path.stem}_{digest}"
-    module = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise KexaoneError(f"environment reference {ref!r}: {str(path)!r} is not a Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            del sys.modules[module_name]
-            raise KexaoneError(
-                f"environment reference {ref!r}: running {str(path)!r} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-    return module
+    from kexaone_align.verifiers.loading import exec_plugin_file
+
+    return exec_plugin_file(path, ref, "environment")
 
 
 def resolve_environment(ref: Any, *, base_dir: str | Path | None = None) -> Environment:

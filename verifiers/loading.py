@@ -130,21 +130,17 @@ def _get_attr(module: Any, attr: str, ref: str) -> Any:
     return obj
 
 
-def _load_file_attr(path_text: str, attr: str, ref: str, base_dir: Path | None) -> Any:
-    path = Path(path_text).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    path = path.resolve()
-    if not path.is_file():
-        raise KexaoneError(f"verifier reference {ref!r}: file {str(path)!r} does not exist")
+def exec_plugin_file(path: Path, ref: str, kind: str) -> Any:
+    """Run a user's plugin file once per process (so its ``@register_*`` calls run once) and return the
+    module; ``kind`` ("verifier", "environment") names the reference in errors."""
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module_name = f"_kexaone_user_verifier_{path.stem}_{digest}"
-    with _FILE_LOCK:  # exec each file once, so its @register_verifier calls run once
+    module_name = f"_kexaone_user_{kind}_{path.stem}_{digest}"
+    with _FILE_LOCK:
         module = sys.modules.get(module_name)
         if module is None:
             spec = importlib.util.spec_from_file_location(module_name, path)
             if spec is None or spec.loader is None:
-                raise KexaoneError(f"verifier reference {ref!r}: {str(path)!r} is not a Python file")
+                raise KexaoneError(f"{kind} reference {ref!r}: {str(path)!r} is not a Python file")
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             try:
@@ -152,8 +148,19 @@ def _load_file_attr(path_text: str, attr: str, ref: str, base_dir: Path | None) 
             except Exception as exc:
                 del sys.modules[module_name]
                 raise KexaoneError(
-                    f"verifier reference {ref!r}: running {str(path)!r} failed: {type(exc).__name__}: {exc}"
+                    f"{kind} reference {ref!r}: running {str(path)!r} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+    return module
+
+
+def _load_file_attr(path_text: str, attr: str, ref: str, base_dir: Path | None) -> Any:
+    path = Path(path_text).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    path = path.resolve()
+    if not path.is_file():
+        raise KexaoneError(f"verifier reference {ref!r}: file {str(path)!r} does not exist")
+    module = exec_plugin_file(path, ref, "verifier")
     return _get_attr(module, attr, ref)
 
 
