@@ -42,3 +42,24 @@ def _no_ray_session_leaks_into_the_next_module():
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+PARITY_VERIFIER = '''
+from kexaone_align.verifiers import VerifyResult
+
+class Parity:
+    """Reward 1 when the response has an even number of characters: random, but with variance."""
+    name = "parity"
+    def verify(self, sample):
+        return VerifyResult(float(len(sample.response) % 2 == 0))
+
+parity = Parity()
+'''
+
+
+@pytest.fixture(scope="session")
+def parity_verifier_file(tmp_path_factory):
+    """A verifier file (``<path>:parity``) whose rewards vary without any learning: stage runs in tests."""
+    path = tmp_path_factory.mktemp("verifier") / "parity_verifier.py"
+    path.write_text(PARITY_VERIFIER)
+    return path

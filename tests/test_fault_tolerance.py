@@ -9,7 +9,6 @@ Faults are injected at the named points of ``kexaone_align.runtime.faults``.
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,28 +20,14 @@ from kexaone_align.runtime import faults
 
 STEPS, PROMPTS, GROUP = 3, 2, 4
 
-VERIFIER = '''
-from kexaone_align.verifiers import VerifyResult
-
-class Parity:
-    """Reward 1 when the response has an even number of characters: random, but with variance."""
-    name = "parity"
-    def verify(self, sample):
-        return VerifyResult(float(len(sample.response) % 2 == 0))
-
-parity = Parity()
-'''
-
 
 class SimulatedCrash(Exception):
     """A driver crash (not a Ray failure, so never restarted in-process)."""
 
 
 @pytest.fixture(scope="module")
-def verifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("verifier") / "parity_verifier.py"
-    path.write_text(textwrap.dedent(VERIFIER))
-    return path
+def verifier_file(parity_verifier_file: Path) -> Path:
+    return parity_verifier_file
 
 
 def _recipe(run_dir: Path, verifier: Path, *extra: str) -> Any:

@@ -10,22 +10,9 @@ sampled responses), except what measures time: seconds, throughput and time-to-a
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
-
-VERIFIER = '''
-from kexaone_align.verifiers import VerifyResult
-
-class Parity:
-    """Reward 1 when the response has an even number of characters: random, but with variance."""
-    name = "parity"
-    def verify(self, sample):
-        return VerifyResult(float(len(sample.response) % 2 == 0))
-
-parity = Parity()
-'''
 
 
 def timing(key: str) -> bool:
@@ -52,11 +39,12 @@ def _run(run_dir: Path, verifier: Path) -> tuple[list[dict], list[dict], dict]:
 
 
 @pytest.mark.slow
-def test_two_runs_of_a_short_agapo_stage_log_identical_metrics(tmp_path: Path) -> None:
+def test_two_runs_of_a_short_agapo_stage_log_identical_metrics(
+    tmp_path: Path, parity_verifier_file: Path
+) -> None:
     import ray
 
-    verifier = tmp_path / "parity_verifier.py"
-    verifier.write_text(textwrap.dedent(VERIFIER))
+    verifier = parity_verifier_file
     try:
         first = _run(tmp_path / "a", verifier)
         ray.shutdown()  # the second run starts its own Ray, as a second command would
