@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _common import command_line, machine_info, median, write_json
 
+from kexaone_align.algorithms.objectives import agapo_objective
 from kexaone_align.runtime.batching import select_rows, shard_plan, trim_columns
 from kexaone_align.runtime.rollout.base import RolloutSample
 from kexaone_align.stages import rl
@@ -132,7 +133,7 @@ def main() -> None:
         learner.setup()
         vocab = int(learner.policy.config.vocab_size)
         batch = make_batch(args, vocab)
-        loss_fn = functools.partial(rl.agapo_loss_fn, is_cap=2.0)
+        loss_fn = functools.partial(agapo_objective, is_cap=2.0)
         runs: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
         for arm in arms:  # warm-up, untimed
             run_arm(learner, batch, loss_fn, args.ranks, *ARMS[arm])

@@ -17,6 +17,7 @@ import torch
 
 from kexaone_align.algorithms import agapo
 from kexaone_align.algorithms.logprobs import chunked_token_logprobs, naive_token_logprobs
+from kexaone_align.losses import bind_loss
 from kexaone_align.runtime.learner import TokenLogprobModel
 from kexaone_align.runtime.metric_reduce import MetricAccumulator, combine
 from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
@@ -24,6 +25,8 @@ from kexaone_align.runtime.rollout.hf import HFRolloutBackend
 from kexaone_align.runtime.rollout.sampling import processed_logprobs
 from kexaone_align.runtime.rollout.tiny import tiny_exaone_moe
 from kexaone_align.stages import rl
+
+AGAPO_LOSS = bind_loss("agapo", section="agapo", stage_params={"is_cap": 2.0})  # as the stage binds it
 
 REQUESTS = [
     RolloutRequest("a", [1, 17, 40], num_samples=3, metadata={"row": 0}),
@@ -162,7 +165,7 @@ def test_learner_train_step_reports_on_policy_ratio_and_true_extremes(model, tmp
     )  # fmt: skip
     learner = Learner(tmp_path / "policy", cfg)
     learner.setup()
-    first = learner.train_step(batch, lambda lp, b: rl.agapo_loss_fn(lp, b, is_cap=2.0))
+    first = learner.train_step(batch, AGAPO_LOSS)
     assert first["micro_batches"] >= 2
     stats = agapo.summarize_ratio_stats({k.removeprefix("loss/"): v for k, v in first.items()})
     assert stats["is_ratio_min"] == pytest.approx(1.0, abs=1e-4)
@@ -170,13 +173,13 @@ def test_learner_train_step_reports_on_policy_ratio_and_true_extremes(model, tmp
     lp = learner.forward_logprobs(batch)  # after one step: off-policy now
     want = agapo.importance_ratio_stats(lp, batch["rollout_logprobs"], batch["loss_mask"], 2.0)
     assert want["is_ratio_max"] > 1.0 + 1e-3
-    second = learner.train_step(batch, lambda lp, b: rl.agapo_loss_fn(lp, b, is_cap=2.0))
+    second = learner.train_step(batch, AGAPO_LOSS)
     for key in ("is_ratio_max", "is_ratio_min", "ratio_tokens_sum"):  # the whole batch's, not averages
         assert second[f"loss/{key}"] == pytest.approx(want[key], rel=1e-5), key
     # A skipped step moves the schedule like a real one: warmup 1/2, then 2/2, then the cosine.
     assert first["lr"] == pytest.approx(5e-3) and second["lr"] == pytest.approx(1e-2)
     assert learner.advance_lr_schedule() == pytest.approx(1e-2)  # the LR step 3 would have used
-    third = learner.train_step(batch, lambda lp, b: rl.agapo_loss_fn(lp, b, is_cap=2.0))
+    third = learner.train_step(batch, AGAPO_LOSS)
     assert third["lr"] == pytest.approx(cfg.lr_multiplier()(3) * 1e-2)
 
 

@@ -41,6 +41,14 @@ parity = Parity()
 zero_first = ZeroFirst()
 '''
 
+USER_LOSS = """
+from kexaone_align.algorithms.objectives import agapo_objective
+
+def agapo_with_marker(logprobs, batch, *, is_cap, marker):
+    loss, metrics = agapo_objective(logprobs, batch, is_cap=is_cap)
+    return loss, {**metrics, "user_marker_max": marker}
+"""
+
 
 def _sample(version: int, prompt: list[int], tokens: list[int], logps: list[float]) -> RolloutSample:
     return RolloutSample("r", 0, prompt, tokens, logps, "stop", version, {"row": 0})
@@ -232,14 +240,19 @@ def test_two_zero3_learners_and_two_workers_take_the_one_actor_steps(tmp_path, v
 @pytest.mark.timeout(900)
 def test_two_zero3_learners_push_many_buckets_over_the_collective(tmp_path, verifier_file, monkeypatch):
     """The same 2 ZeRO-3 learner run (1 MiB buckets) on the collective transport (the object store is
-    covered by the parity run above); rollout equals learner after every push."""
+    covered by the parity run above); rollout equals learner after every push. The learners minimise a
+    user's loss from a plugin file (``agapo.loss``, with an option), loaded again inside each actor."""
+    loss_file = tmp_path / "team_loss.py"
+    loss_file.write_text(USER_LOSS)
     pushes = _checking_pushes(monkeypatch)
     summary, steps = _run_agapo(
         tmp_path, f"{verifier_file}:parity", "agapo.prompts_per_step=4", "learners.num_learners=2",
         "learners.zero_stage=3", "rollout.weight_sync_bucket_mb=1", "checkpoint.export=false",
         "agapo.zero_variance_filter=false", "rollout.weight_sync_transport=collective",
+        f"agapo.loss={loss_file}:agapo_with_marker", "agapo.loss_options.marker=7.0",
     )  # fmt: skip
     assert len(steps) == 3 and summary["policy_version"] == 3
+    assert all(m["user_marker_max"] == 7.0 for m in steps)  # the user's function ran on the learners
     _assert_many_bucket_pushes(pushes, steps)
     # synchronous: every batch on-policy, and the pushed weights equal the learners' (checked above)
     assert all(m["is_ratio_min"] == pytest.approx(1.0, abs=1e-4) for m in steps)

@@ -7,11 +7,28 @@ CPU-friendly default that the tiny recipes can rely on.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from kexaone_align.config.base import Section
+
+
+def _loss_field(default: str) -> Any:
+    return Field(
+        default,
+        min_length=1,
+        description="The objective the learners minimise (kexaone_align.losses): a registered name "
+        f"({default!r} is the paper's), an installed kexaone_align.losses entry point, 'module:attr' or "
+        "'path/to/file.py:attr'.",
+    )
+
+
+def _loss_options_field() -> Any:
+    return Field(
+        default_factory=dict,
+        description="Keyword arguments for the loss; each must be a parameter the loss function takes.",
+    )
 
 
 class SftConfig(Section):
@@ -31,6 +48,8 @@ class SftConfig(Section):
     eval_every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     freeze_router: bool = Field(False, description="Freeze MoE routers during SFT.")
     aux_loss_coef: float = Field(0.0, ge=0, description="Router load-balancing loss coefficient.")
+    loss: str = _loss_field("sft")
+    loss_options: dict[str, Any] = _loss_options_field()
 
 
 class AgapoConfig(Section):
@@ -65,6 +84,8 @@ class AgapoConfig(Section):
     aux_loss_coef: float = Field(0.0, ge=0, description="Router load-balancing loss coefficient (0 in RL).")
     eval_every_steps: int = Field(0, ge=0, description="Evaluate held-out accuracy every N steps (0 = end).")
     eval_samples_per_prompt: int = Field(1, ge=1, description="Samples per held-out prompt at evaluation.")
+    loss: str = _loss_field("agapo")
+    loss_options: dict[str, Any] = _loss_options_field()
 
 
 class RewardComponent(Section):
@@ -167,3 +188,5 @@ class GrouperConfig(Section):
     reward: GrouperRewardConfig = Field(
         default_factory=GrouperRewardConfig, description="How rule and judge rewards are combined."
     )
+    loss: str = _loss_field("grouper")
+    loss_options: dict[str, Any] = _loss_options_field()

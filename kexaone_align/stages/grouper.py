@@ -4,7 +4,8 @@ G responses per prompt are sampled from the *initial* policy (the stage's starti
 rollout workers and scored by the preference reward: per task, gates x weighted sum of rule verifiers
 (e.g. ``ifeval`` for style instructions) and, only if configured, the rubric judge. A prompt's group is
 sampled the first time the prompt comes round and reused after that. Each step turns a batch of groups
-into ``preference_advantages`` and takes one learner step of ``grouper_loss``.
+into ``preference_advantages`` and takes one learner step of ``grouper.loss`` (``grouper_loss``, Eq. 4,
+unless the recipe names another).
 
 The groups live on disk (``runtime.group_cache``); a checkpoint records only where that cache stands,
 and a resume cuts it back there. Every step trains on groups read back from it.
@@ -31,6 +32,7 @@ from kexaone_align.algorithms.agapo import REWARD_ATOL
 from kexaone_align.algorithms.grouper import preference_advantages
 from kexaone_align.config import Recipe
 from kexaone_align.errors import KexaoneError
+from kexaone_align.losses import stage_loss
 from kexaone_align.runtime.checkpoint_weights import checkpoint_weights
 from kexaone_align.runtime.group_cache import CachedGroup, CachePosition, GroupCache
 from kexaone_align.runtime.rollout.base import RolloutSample, SamplingConfig
@@ -115,6 +117,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.grouper
     if cfg is None:
         raise KexaoneError("stage 'grouper' needs a grouper section")
+    loss = stage_loss(recipe, "grouper")  # grouper.loss, checked before Ray starts
     start_ray(recipe)
     model_path = prepare_policy(recipe)
     tok_path = tokenizer_source(recipe, model_path)
@@ -129,7 +132,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     steps, refresh = cfg.steps, cfg.refresh_every
 
     with StageRun(recipe, steps) as run_:
-        learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": "sequences"})
+        learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": loss.aggregation})
         pool = cache = None
         try:
             pool = rl.rollout_pool_for(recipe, model_path, learners)
@@ -220,7 +223,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 flat = [s for g in groups for s in g.samples]
                 batch = rl.training_batch(flat, adv.reshape(-1).tolist(), pad)
                 pool.release_memory()  # colocated vLLM engines hand their GPU memory to the learners
-                train = learners.train_step(batch, rl.grouper_loss_fn)
+                train = learners.train_step(batch, loss)
                 pool.resume()
                 version += 1
                 metrics.update({k.removeprefix("loss/"): v for k, v in train.items()})

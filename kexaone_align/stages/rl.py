@@ -2,15 +2,14 @@
 -> graded sample plumbing, the learner batch built from samples, staleness accounting and held-out
 evaluation.
 
-Nothing here knows an equation: advantages and losses come from ``kexaone_align.algorithms``. The loss
-functions below are module-level so Ray can pickle them to the learner actors.
+Nothing here knows an equation: advantages and losses come from ``kexaone_align.algorithms`` (the losses
+by name through ``kexaone_align.losses``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kexaone_align.algorithms.agapo import agapo_loss, importance_ratio_stats
-from kexaone_align.algorithms.grouper import grouper_loss
 from kexaone_align.data.chat_format import render_prompt
 from kexaone_align.data.prompts import PromptCursor, PromptRow
 from kexaone_align.errors import KexaoneError
@@ -34,19 +31,7 @@ EVAL_TEMPERATURE = 1.0  # held-out evaluation samples like the paper's rollouts:
 EVAL_TOP_P = 0.95
 
 
-# ------------------------------------------------------------------------------------------ losses
-def agapo_loss_fn(
-    logprobs: Tensor, batch: dict[str, Tensor], is_cap: float
-) -> tuple[Tensor, dict[str, float]]:
-    """Learner ``loss_fn`` for AGAPO: a mean over the micro-batch's responses (``loss_aggregation``
-    must be ``"sequences"``); also reports the rollout/learner mismatch partials (``importance_ratio_stats``,
-    combined over micro-batches and ranks by name, then ``summarize_ratio_stats``)."""
-    mask = batch["loss_mask"]
-    loss = agapo_loss(logprobs, batch["rollout_logprobs"], batch["advantages"], mask, is_cap)
-    stats = importance_ratio_stats(logprobs, batch["rollout_logprobs"], mask, is_cap)
-    return loss, {k: v for k, v in stats.items() if math.isfinite(v)}
-
-
+# ------------------------------------------------------------------------------------------ sampling
 def agapo_sampling(recipe: Any) -> tuple[SamplingConfig, dict[str, Any]]:
     """AGAPO's rollout sampling and the learner settings that match it under ``agapo.ratio_distribution``:
     the learner takes log-probs at the rollout temperature, and under ``sampler`` with its truncation."""
@@ -58,11 +43,6 @@ def agapo_sampling(recipe: Any) -> tuple[SamplingConfig, dict[str, Any]]:
         "logprob_top_p": roll.top_p if truncated else 1.0,
         "logprob_top_k": roll.top_k if truncated else -1,
     }
-
-
-def grouper_loss_fn(logprobs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Learner ``loss_fn`` for GROUPER: mean over the micro-batch's responses."""
-    return grouper_loss(logprobs, batch["advantages"], batch["loss_mask"]), {}
 
 
 # ------------------------------------------------------------------------------------------ prompts

@@ -2,8 +2,9 @@
 
 Read as the recipe does: load chat rows (generated or from files), tokenize them with the K-EXAONE
 template and an assistant-only loss mask, hold some out, then run ``sft.epochs`` passes (or
-``sft.max_steps`` optimizer steps) of ``sft_loss`` on the DeepSpeed learners, evaluate held-out loss,
-checkpoint along the way and export the policy for the next stage.
+``sft.max_steps`` optimizer steps) of ``sft.loss`` (``sft_loss`` unless the recipe names another) on the
+DeepSpeed learners, evaluate held-out loss, checkpoint along the way and export the policy for the next
+stage.
 
 With ``sft.packing`` several conversations share a row of ``max_seq_len`` tokens (``sft.batch_size``
 then counts packed rows); the learner restarts positions and masks attention per conversation, so
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kexaone_align.algorithms.sft import sft_loss
 from kexaone_align.config import Recipe
 from kexaone_align.errors import KexaoneError
+from kexaone_align.losses import stage_loss
 from kexaone_align.stages.common import (
     StageRun,
     finish_stage,
@@ -121,11 +122,6 @@ def pack_rows(rows: list[tuple[list[int], list[int]]], max_seq_len: int, seed: i
 
 
 # ------------------------------------------------------------------------------------- training
-def token_nll(logprobs: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-    """Learner loss: mean NLL over the micro-batch's assistant tokens (module level: Ray pickles it)."""
-    return sft_loss(logprobs, batch["loss_mask"]), {}
-
-
 def evaluate_loss(
     learners: Any, rows: list[tuple[list[int], list[int]]], pad_token_id: int
 ) -> dict[str, float]:
@@ -216,6 +212,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         raise KexaoneError("stage 'sft' needs an sft section")
     if not sft.assistant_only_loss:
         raise KexaoneError("sft.assistant_only_loss: false is not supported (loss is on assistant tokens)")
+    loss = stage_loss(recipe, "sft")  # checked before Ray starts
     start_ray(recipe)
     model_path = prepare_policy(recipe)
     tok_path = tokenizer_source(recipe, model_path)
@@ -230,12 +227,12 @@ def run(recipe: Recipe) -> dict[str, Any]:
     steps = total_steps(recipe, len(examples))
     shuffle = recipe.data.shuffle
     with StageRun(recipe, steps) as run_:
-        learners = make_learners(recipe, model_path, steps)
+        learners = make_learners(recipe, model_path, steps, overrides={"loss_aggregation": loss.aggregation})
         try:
             run_.restore(learners)
             while run_.step < steps:
                 picked = step_rows(len(examples), sft.batch_size, run_.step, recipe.seed, shuffle)
-                metrics = learners.train_step(make_batch([examples[i] for i in picked], pad), token_nll)
+                metrics = learners.train_step(make_batch([examples[i] for i in picked], pad), loss)
                 metrics["learner_tokens_per_s"] = metrics.pop("tokens_per_s", 0.0)
                 metrics["epoch"] = min(run_.step + 1, steps) * sft.batch_size / len(examples)
                 run_.log(metrics)
