@@ -9,7 +9,8 @@ overridden (and written to ``<out>/rehearsal.yaml`` so the run can be read and r
   routing, K-EXAONE's chat format through the offline tokenizer; head dim 32, the smallest vLLM's CPU
   attention takes);
 * the data: small local files in the recipe's formats (chat rows for SFT, prompt rows with a task and a
-  reference for AGAPO and GROUPER), generated offline;
+  reference for AGAPO and GROUPER, AGAPO's mixed with tool episodes against the calculator and the
+  stateful ``orders`` environment), generated offline;
 * the cluster: a local Ray with the GPUs declared (``cluster.simulated_gpus``), so every actor asks for
   the GPUs and bundles of the cluster layout; 2 ZeRO-3 learners (fp32, gloo), vLLM rollout engines
   (``rollout.backend`` as in the recipe: vLLM's CPU build), 1 MiB weight-sync buckets (every push has
@@ -50,6 +51,7 @@ SCALED = {
 LAYER_GROUPS = 2  # sliding-window groups (pattern - 1 sliding layers + 1 global each)
 SIMULATED_GPUS_PER_NODE = 4
 STEPS = {"sft": 3, "agapo": 3, "grouper": 2}
+TOOL_ROWS = {"rl_tools_train": 6, "rl_tools_heldout": 2}  # calculator episodes (+ orders tasks)
 ROWS = {"sft_train": 64, "sft_eval": 16, "rl_train": 32, "rl_heldout": 8, "pref_train": 16, "pref_heldout": 4}
 
 
@@ -85,16 +87,35 @@ def prepare_assets(first_stage: Recipe, out: Path, seed: int) -> dict[str, Path]
     data = assets / "data"
     if not (data / "manifest.json").is_file():
         write_tiny_dataset(data, seed, sizes=ROWS)
-    return {"checkpoint": ckpt, **{name: data / f"{name}.jsonl" for name in ROWS}}
+        write_tool_rows(data, seed)
+    return {"checkpoint": ckpt, **{name: data / f"{name}.jsonl" for name in (*ROWS, *TOOL_ROWS)}}
+
+
+def write_tool_rows(data: Path, seed: int) -> None:
+    """AGAPO prompt rows that are tool episodes, mixed into the RL data: calculator episodes (graded by the
+    ``math`` verifier on the answer) and the stateful ``orders`` environment (scored on its final state)."""
+    from kexaone_align.data.tiny_tasks import write_jsonl
+    from kexaone_align.data.tiny_tools import generate_tool_prompts
+    from kexaone_align.environments import resolve_environment
+    from kexaone_align.environments.stateful import rows_from_environment
+
+    orders = rows_from_environment(resolve_environment("orders"), "orders")
+    for name, split in (("rl_tools_train", "train"), ("rl_tools_heldout", "heldout")):
+        rows = generate_tool_prompts(TOOL_ROWS[name], seed, split)
+        write_jsonl(data / f"{name}.jsonl", rows + (orders[:2] if split == "train" else orders[2:3]))
 
 
 def stage_overrides(stage: Recipe, assets: dict[str, Path]) -> list[str]:
     """Dotted overrides that fit one stage recipe of the cluster onto this machine (see the module doc)."""
-    files = {"sft": ("sft_train", "sft_eval"), "agapo": ("rl_train", "rl_heldout"),
-             "grouper": ("pref_train", "pref_heldout")}[stage.stage]  # fmt: skip
+    files = {
+        "sft": (("sft_train",), ("sft_eval",)),
+        "agapo": (("rl_train", "rl_tools_train"), ("rl_heldout", "rl_tools_heldout")),
+        "grouper": (("pref_train",), ("pref_heldout",)),
+    }[stage.stage]
+    train, held = (",".join(str(assets[name]) for name in names) for names in files)
     out = [
         f"model.path={assets['checkpoint']}", "model.dtype=float32", "model.attn_implementation=sdpa",
-        f"data.train_files=[{assets[files[0]]}]", f"data.eval_files=[{assets[files[1]]}]",
+        f"data.train_files=[{train}]", f"data.eval_files=[{held}]",
         "cluster.address=null", "cluster.nodes=1", f"cluster.gpus_per_node={SIMULATED_GPUS_PER_NODE}",
         "cluster.simulated_gpus=true", "cluster.cpus_per_actor=0.5",
         "learners.num_learners=2", "learners.zero_stage=3", "learners.precision=fp32",
@@ -107,7 +128,7 @@ def stage_overrides(stage: Recipe, assets: dict[str, Path]) -> list[str]:
         return [*out, f"sft.max_steps={steps}", "sft.batch_size=8", "sft.max_seq_len=512",
                 "sft.eval_every_steps=0"]  # fmt: skip
     out += [
-        "data.max_prompt_tokens=192", "rollout.num_workers=1", "rollout.tensor_parallel_size=1",
+        "data.max_prompt_tokens=384", "rollout.num_workers=1", "rollout.tensor_parallel_size=1",
         "rollout.max_new_tokens=48", "rollout.batch_size=32", "rollout.weight_sync_bucket_mb=1",
         "rollout.mtp_speculative=false", "rollout.job_timeout_s=900",
     ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,8 @@ def test_rehearsal_runs_the_236b_pipeline_with_a_kill_and_resume(tmp_path):
     assert stages["grouper"]["sampled_prompts"] >= 4
     for key in ("agapo", "grouper"):
         assert Path(stages[key]["export"], "config.json").is_file()
+    # AGAPO's batches mixed tool episodes (calculator, stateful orders) on the vLLM engines with plain rows
+    rows = [json.loads(line) for p in tmp_path.rglob("metrics.jsonl") for line in p.read_text().splitlines()]
+    tool_steps = [r for r in rows if r.get("stage") == "agapo" and "tools/turns" in r]
+    assert tool_steps and all(r["tools/turns"] >= 1 for r in tool_steps)
+    assert any(k.startswith("tools/pass_rate/") for r in tool_steps for k in r)

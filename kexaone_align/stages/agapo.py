@@ -118,6 +118,13 @@ class AgapoLoop:
     eval_seconds: float = 0.0
     clock: float = field(default_factory=time.perf_counter)
     pending: Launched | None = None
+    # derived from the recipe in __post_init__
+    cfg: Any = field(init=False)
+    sampling: Any = field(init=False)
+    tools: Any = field(init=False)
+    pipelined: bool = field(init=False)
+    pad: int = field(init=False)
+    bucket_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.cfg = self.recipe.agapo
