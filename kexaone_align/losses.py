@@ -235,8 +235,8 @@ def bind_loss(
 
 
 def stage_loss(recipe: Any, section: str, stage_params: Mapping[str, Any] | None = None) -> BoundLoss:
-    """The objective ``recipe.<section>`` names (``loss``, ``loss_options``); a relative file is taken from
-    the working directory, as verifier files are."""
+    """The objective ``recipe.<section>`` names (``loss``, ``loss_options``). A loaded recipe file has its
+    relative loss file made absolute against the recipe's folder, as verifier files are."""
     cfg = getattr(recipe, section)
     default = "tokens" if section == "sft" else "sequences"
     return bind_loss(

@@ -203,3 +203,20 @@ def test_a_recipe_naming_an_unknown_loss_fails_before_ray_starts(tmp_path):
     with pytest.raises(KexaoneError, match=r"sft.loss_options: loss 'sft' takes no option 'label_smoothing'"):
         sft.run(recipe)
     assert ray.is_initialized() == was_up and not any(tmp_path.iterdir())
+
+
+def test_a_recipe_file_names_its_loss_file_relative_to_itself(user_file, tmp_path):
+    import yaml
+
+    from kexaone_align.config import load_recipe
+
+    doc = yaml.safe_load((ROOT / "recipes/tiny/agapo.yaml").read_text())
+    doc["agapo"] |= {"loss": "my_losses.py:scaled_agapo", "loss_options": {"scale": 0.5}}
+    recipe_path = user_file.parent / "agapo_user_loss.yaml"
+    recipe_path.write_text(yaml.safe_dump(doc))
+    recipe = load_recipe(recipe_path)
+    assert recipe.agapo.loss == f"{user_file}:scaled_agapo"
+    doc["agapo"]["loss"] = "nowhere.py:scaled_agapo"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(KexaoneError, match=r"agapo.loss: loss file not found: .*nowhere.py"):
+        load_recipe(tmp_path / "bad.yaml")

@@ -1,7 +1,7 @@
 """``load_recipe``: YAML file + dotted overrides -> validated ``Recipe``, or one readable error.
 
 Overrides are applied to the raw mapping *before* validation, so an override is checked exactly like
-the file. Relative file references (data files, ``path/to/file.py:attr`` verifiers, pipeline stage
+the file. Relative file references (data files, ``path/to/file.py:attr`` verifiers and losses, pipeline stage
 recipes) are resolved against the recipe's directory so a recipe works from any working directory.
 """
 
@@ -176,6 +176,16 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> tuple[list[str], list[str
                     problems.append(f"  verifiers.{task}: verifier file not found: {candidate}")
                 else:
                     verifiers[task] = f"{candidate}:{attr}"
+    for section in ("sft", "agapo", "grouper"):
+        block = raw.get(section)
+        ref = block.get("loss") if isinstance(block, dict) else None
+        if isinstance(ref, str) and ".py:" in ref:
+            file_part, _, attr = ref.rpartition(":")
+            candidate = _resolve_relative(file_part, base)
+            if not Path(candidate).is_file():
+                problems.append(f"  {section}.loss: loss file not found: {candidate}")
+            else:
+                block["loss"] = f"{candidate}:{attr}"
     for section in ("model", "tokenizer"):
         block = raw.get(section)
         if isinstance(block, dict):
