@@ -122,6 +122,7 @@ class AgapoLoop:
     cfg: Any = field(init=False)
     sampling: Any = field(init=False)
     tools: Any = field(init=False)
+    compression: Any = field(init=False)
     pipelined: bool = field(init=False)
     pad: int = field(init=False)
     bucket_bytes: int = field(init=False)
@@ -130,6 +131,7 @@ class AgapoLoop:
         self.cfg = self.recipe.agapo
         self.sampling, _ = rl.agapo_sampling(self.recipe)
         self.tools = rl.tool_limits(self.recipe)
+        self.compression = rl.compression_spec(self.recipe)  # tools.compress_*: None = off
         self.pipelined = self.recipe.rollout.max_staleness >= 1
         self.pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.bucket_bytes = self.recipe.rollout.weight_sync_bucket_mb << 20
@@ -144,7 +146,7 @@ class AgapoLoop:
         tag = f"e{self.cursor.epoch}-o{self.cursor.offset}"
         reqs = rl.build_requests(
             self.tokenizer, rows, self.cfg.group_size, tag, self.recipe.rollout.enable_thinking,
-            tool_limits=self.tools,
+            tool_limits=self.tools, compression=self.compression,
         )  # fmt: skip
         return Launched(rows, self.pool.submit(reqs, self.sampling), resume_at)
 
@@ -210,7 +212,8 @@ class AgapoLoop:
             self.pool, self.tokenizer, self.held_rows, functools.partial(rl.grade_mixed, self.grader.grade),
             samples_per_prompt=self.cfg.eval_samples_per_prompt, max_new_tokens=roll.max_new_tokens,
             seed=self.recipe.seed + 7919, tag="eval", enable_thinking=roll.enable_thinking,
-            tool_limits=self.tools, on_samples=functools.partial(self.run_.log_samples, label),
+            tool_limits=self.tools, compression=self.compression,
+            on_samples=functools.partial(self.run_.log_samples, label),
         )  # fmt: skip
 
     def train_seconds(self) -> float:

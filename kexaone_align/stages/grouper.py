@@ -150,6 +150,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     pool, tokenizer, held_rows, grade, samples_per_prompt=1,
                     max_new_tokens=roll.max_new_tokens, seed=recipe.seed + 7919, tag=tag,
                     enable_thinking=roll.enable_thinking, tool_limits=rl.tool_limits(recipe),
+                    compression=rl.compression_spec(recipe),
                     on_samples=functools.partial(run_.log_samples, label),
                 )  # fmt: skip
                 # the mean preference reward: ``accuracy`` in the shared evaluator, ``reward`` here
@@ -181,7 +182,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                         eval_seconds += time.perf_counter() - started
                     reqs = rl.build_requests(
                         tokenizer, fresh, cfg.group_size, f"s{step}", roll.enable_thinking,
-                        tool_limits=rl.tool_limits(recipe),
+                        tool_limits=rl.tool_limits(recipe), compression=rl.compression_spec(recipe),
                     )  # fmt: skip
                     samples, roll_metrics = pool.collect(pool.submit(reqs, sampling))
                     parts.append(roll_metrics)

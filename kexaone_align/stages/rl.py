@@ -122,6 +122,17 @@ def tool_limits(recipe: Any) -> Any:
     return ToolLimits(t.max_turns, t.call_timeout_s, t.max_output_chars, t.max_calls_per_turn)
 
 
+def compression_spec(recipe: Any) -> Any:
+    """The ``tools`` section's trajectory compression as a ``CompressionSpec`` (None when it is off)."""
+    from kexaone_align.runtime.rollout.compression import CompressionSpec
+
+    t = recipe.tools
+    if t.compress_after_calls is None:
+        return None
+    judge = t.compress_judge.model_dump() if t.compress_judge is not None else None
+    return CompressionSpec(t.compress_after_calls, t.compress_producer, t.compress_max_tokens, judge)
+
+
 def prompt_sets(recipe: Any, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow], dict[str, int]]:
     """(train, held-out) prompt rows with over-long prompts dropped, and the counts of what was dropped
     (``dropped_long_prompts`` / ``dropped_long_eval_prompts``, for the stage summary)."""
@@ -162,12 +173,14 @@ def build_requests(
     enable_thinking: bool | None = None,
     *,
     tool_limits: Any = None,
+    compression: Any = None,
 ) -> list[RolloutRequest]:
     """One request per prompt row (``group_size`` samples each); ``tag`` keeps request ids unique per call.
 
     ``enable_thinking`` forces reasoning (True) or non-reasoning (False) mode (``rollout.enable_thinking``);
     None renders each row in its own mode. A row with an ``environment`` becomes a tool episode
-    (``runtime.rollout.episodes``) bounded by ``tool_limits``; the worker loads ``tokenizer``'s path."""
+    (``runtime.rollout.episodes``) bounded by ``tool_limits``, compressed as ``compression`` says (None:
+    never); the worker loads ``tokenizer``'s path."""
     from kexaone_align.runtime.rollout.episodes import episode_metadata
 
     requests = []
@@ -178,8 +191,9 @@ def build_requests(
         if row.environment:
             path = getattr(tokenizer, "name_or_path", None) or None
             meta["episode"] = episode_metadata(
-                row, row.environment, enable_thinking=thinking, limits=tool_limits, tokenizer_path=path
-            )
+                row, row.environment, enable_thinking=thinking, limits=tool_limits, tokenizer_path=path,
+                compression=compression,
+            )  # fmt: skip
         requests.append(RolloutRequest(f"{tag}-{i}-{row.id}", ids, group_size, meta))
     return requests
 
@@ -231,14 +245,15 @@ def grade_mixed(grade: Any, samples: Sequence[Sample]) -> list[float]:
 
 def episode_metrics(groups: Sequence[Group], prefix: str = "tools") -> dict[str, float]:
     """Tool-use counters over the episodes of ``groups``: turns per episode, tool calls, tool errors and
-    environment seconds (means per episode), and the pass rate per environment."""
+    environment seconds, trajectory compressions and their fallback records (means per episode), and the
+    pass rate per environment."""
     infos = [s.metadata["episode"] for g in groups for s in g.samples if "episode" in s.metadata]
     if not infos:
         return {}
     n = len(infos)
     out = {f"{prefix}/episodes": float(n)}
-    for key in ("turns", "tool_calls", "tool_errors", "env_seconds"):
-        out[f"{prefix}/{key}"] = sum(float(i[key]) for i in infos) / n
+    for key in ("turns", "tool_calls", "tool_errors", "env_seconds", "compressions", "compress_fallbacks"):
+        out[f"{prefix}/{key}"] = sum(float(i.get(key, 0)) for i in infos) / n
     by_env: dict[str, list[float]] = {}
     for info in infos:
         by_env.setdefault(str(info["environment"]), []).append(float(bool(info["passed"])))
@@ -382,6 +397,7 @@ def evaluate(
     tag: str,
     enable_thinking: bool | None = None,
     tool_limits: Any = None,
+    compression: Any = None,
     on_samples: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
     """Held-out score by sampling (T=1.0, top-p 0.95): mean reward overall (``accuracy``) and per task.
@@ -395,8 +411,9 @@ def evaluate(
         max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, seed=seed
     )
     requests = build_requests(
-        tokenizer, rows, samples_per_prompt, tag, enable_thinking, tool_limits=tool_limits
-    )
+        tokenizer, rows, samples_per_prompt, tag, enable_thinking, tool_limits=tool_limits,
+        compression=compression,
+    )  # fmt: skip
     groups = group_samples(rows, pool.generate(requests, sampling))
     rewards = grade_mixed(grade, verifier_samples(tokenizer, groups))
     assign_rewards(groups, rewards)

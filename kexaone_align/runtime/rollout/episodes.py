@@ -16,6 +16,17 @@ The result is one ``RolloutSample`` per (request, sample) whose ``token_ids`` ar
 prompt; ``policy_mask`` marks the tokens the policy sampled (1) and the environment's (0), and
 ``logprobs`` is 0.0 at environment tokens. ``metadata["episode"]`` holds the reward the environment
 gave and the episode's counters (turns, tool calls, tool errors, environment seconds, outcome).
+
+**Trajectory compression** (``compression`` in the metadata, see ``compression.py``): once an episode
+has made ``after_calls`` tool calls since its last record, its history is replaced by one JSON record,
+and the policy continues from the prompt + the record (a user turn) + a fresh assistant header. The
+training sample is that *final context*: ``prompt_token_ids`` stays the request's prompt (a GROUPER group
+shares one prompt), ``token_ids`` start with the record's tokens (context, mask 0) followed by the turns
+after the last compression. Policy tokens written before it are not in the sample (counted as
+``untrained_policy_tokens``), nor are the policy's own record-writing tokens: the learner must score every
+trained token in the very context it was sampled in, so that AGAPO's importance ratio compares the same
+distributions and ``1/|o_i|`` counts exactly the tokens that carry loss; a sample per segment would instead
+split one episode (one reward, one group member) into several rows and change the group statistics.
 """
 
 from __future__ import annotations
@@ -35,6 +46,17 @@ from kexaone_align.runtime.rollout.base import (
     SamplingConfig,
     expand_requests,
     rollout_metrics,
+)
+from kexaone_align.runtime.rollout.compression import (
+    INSTRUCTION,
+    CompressionSpec,
+    fallback_record,
+    judge_backend,
+    judge_messages,
+    judge_texts,
+    parse_record,
+    record_message,
+    task_text,
 )
 
 END_OF_TURN = "<|endofturn|>"
@@ -56,12 +78,15 @@ def episode_metadata(
     limits: Any = None,
     tokenizer_path: str | None = None,
     base_dir: str | None = None,
+    compression: CompressionSpec | None = None,
 ) -> dict[str, Any]:
-    """The ``metadata["episode"]`` entry that makes a request a tool episode (plain data, Ray-picklable)."""
+    """The ``metadata["episode"]`` entry that makes a request a tool episode (plain data, Ray-picklable);
+    ``compression`` turns trajectory compression on."""
     from kexaone_align.environments import ToolLimits
 
     limits = limits if limits is not None else ToolLimits()
     return {
+        "compression": dataclasses.asdict(compression) if compression is not None else None,
         "environment": environment,
         "row": row.to_dict(),
         "enable_thinking": bool(enable_thinking),
@@ -76,12 +101,16 @@ def is_episode(request: RolloutRequest) -> bool:
     return bool(request.metadata.get("episode"))
 
 
-def tool_turn_text(tokenizer: Any, results: Sequence[str], enable_thinking: bool) -> str:
+def tool_turn_text(
+    tokenizer: Any, results: Sequence[str], enable_thinking: bool, then_user: str | None = None
+) -> str:
     """The text the environment adds after the policy's ``<|endofturn|>``: the rest of that line, the tool
-    turn holding ``results`` and the next assistant generation prompt, as the chat template renders them."""
+    turn holding ``results`` (and a user turn ``then_user``) and the next assistant generation prompt, as
+    the chat template renders them."""
     user = {"role": "user", "content": "."}
     done = {"role": "assistant", "content": "."}
     tools = [{"role": "tool", "content": r} for r in results]
+    tools += [{"role": "user", "content": then_user}] if then_user is not None else []
     kwargs = {"tokenize": False, "enable_thinking": enable_thinking}
     before = tokenizer.apply_chat_template([user, done], **kwargs)
     after = tokenizer.apply_chat_template([user, done, *tools], add_generation_prompt=True, **kwargs)
@@ -126,6 +155,18 @@ class _Episode:
     outcome: str | None = None
     answer: str | None = None
     policy_version: int = 0
+    compression: CompressionSpec | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # tool calls since the last record
+    results: list[str] = field(default_factory=list)  # the last tool turn's results
+    env_len: int = 0  # tokens of the last tool turn (at the end of ``token_ids``)
+    record: dict[str, Any] | None = None
+    compressions: int = 0
+    compress_fallbacks: int = 0
+    untrained_policy_tokens: int = 0
+
+    def wants_compression(self) -> bool:
+        c = self.compression
+        return c is not None and self.outcome is None and len(self.history) >= c.after_calls
 
     def turn_request(self, turn: int, budget: int) -> RolloutRequest:
         rid = f"{self.request.request_id}#{self.index}#t{turn}"
@@ -143,7 +184,10 @@ def _start(request: RolloutRequest, index: int, tokenizer: Any) -> _Episode:
     limits = ToolLimits(**spec.get("limits", {}))
     names = {tool_name(t) for t in env.tools(row)}
     tok = _tokenizer_for(spec.get("tokenizer"), tokenizer)
-    return _Episode(request, index, env, row, env.reset(row), limits, names, tok, spec["enable_thinking"])
+    ep = _Episode(request, index, env, row, env.reset(row), limits, names, tok, spec["enable_thinking"])
+    if spec.get("compression"):
+        ep.compression = CompressionSpec(**spec["compression"])
+    return ep
 
 
 def _run_calls(ep: _Episode, text: str) -> list[str]:
@@ -157,6 +201,10 @@ def _run_calls(ep: _Episode, text: str) -> list[str]:
             ep.tool_errors += 1
             continue
         outcome = run_tool_call(ep.env, ep.state, call, ep.tool_names, ep.limits)
+        ep.history.append(
+            {"name": call.name or "?", "arguments": call.arguments, "result": outcome.content,
+             "error": outcome.error}
+        )  # fmt: skip
         ep.state = outcome.state
         ep.tool_calls += 1
         ep.tool_errors += int(outcome.error)
@@ -197,6 +245,7 @@ def _advance(ep: _Episode, out: RolloutSample, budget: int) -> None:
     ep.token_ids += env_ids
     ep.logprobs += [0.0] * len(env_ids)
     ep.mask += [0] * len(env_ids)
+    ep.results, ep.env_len = results, len(env_ids)
 
 
 def _finish(ep: _Episode) -> RolloutSample:
@@ -218,6 +267,10 @@ def _finish(ep: _Episode) -> RolloutSample:
         "tool_timeouts": ep.tool_timeouts,
         "env_seconds": ep.env_seconds,
         "answer": ep.answer,
+        "compressions": ep.compressions,
+        "compress_fallbacks": ep.compress_fallbacks,
+        "untrained_policy_tokens": ep.untrained_policy_tokens,
+        "record": ep.record,
     }
     metadata = {k: v for k, v in ep.request.metadata.items() if k != "episode"}
     metadata["episode"] = info
@@ -234,11 +287,89 @@ def _finish(ep: _Episode) -> RolloutSample:
     )
 
 
+def _compressed_context(ep: _Episode, record: dict[str, Any]) -> list[int]:
+    """Tokens after the prompt of the compressed context: an empty assistant turn, the record as a user
+    turn and the next assistant header (the chat template's rendering, cut where the prompt ends)."""
+    tools = ep.row.tools if ep.row.tools is not None else (ep.env.tools(ep.row) or None)
+    kwargs = {"tools": tools, "tokenize": False, "add_generation_prompt": True}
+    kwargs["enable_thinking"] = ep.thinking
+    messages = list(ep.row.messages)
+    added = [{"role": "assistant", "content": ""}, {"role": "user", "content": record_message(record)}]
+    with _TOKENIZE_LOCK:
+        before = ep.tokenizer.apply_chat_template(messages, **kwargs)
+        after = ep.tokenizer.apply_chat_template(messages + added, **kwargs)
+        if not after.startswith(before):
+            raise KexaoneError("the chat template does not render a compressed context after the prompt")
+        return list(ep.tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"])
+
+
+def _policy_texts(backend: Any, eps: list[_Episode], sampling: SamplingConfig) -> list[str | None]:
+    """The policy's own records: each episode's context with the instruction turn after its last tool
+    results, generated as request ``{r}#{k}#c{n}`` (a fixed seed, like the turns)."""
+    requests = []
+    for ep in eps:
+        with _TOKENIZE_LOCK:
+            text = tool_turn_text(ep.tokenizer, ep.results, False, then_user=INSTRUCTION)
+            ask = list(ep.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = list(ep.request.prompt_token_ids) + ep.token_ids[: len(ep.token_ids) - ep.env_len] + ask
+        rid = f"{ep.request.request_id}#{ep.index}#c{ep.compressions}"
+        budget = min(ep.compression.max_tokens, sampling.max_new_tokens)
+        requests.append(RolloutRequest(rid, ids, 1, {}, max_new_tokens=budget))
+    outs = backend.generate(requests, sampling)
+    if len(outs) != len(eps):
+        raise KexaoneError(f"the backend returned {len(outs)} records for {len(eps)} compressions")
+    from kexaone_align.environments import final_answer
+
+    texts: list[str | None] = []
+    for ep, out in zip(eps, outs, strict=True):
+        if out.finish_reason != "stop":  # a record cut by its token budget is not a JSON object
+            texts.append(None)
+            continue
+        with _TOKENIZE_LOCK:
+            text = ep.tokenizer.decode(list(out.token_ids)[:-1], skip_special_tokens=False)
+        texts.append(final_answer(text))
+    return texts
+
+
+def _compress(
+    backend: Any, eps: list[_Episode], sampling: SamplingConfig, compressor: Any, budget: int
+) -> None:
+    """Replace the history of every episode in ``eps`` by its record (one producer call for all)."""
+    spec = eps[0].compression
+    previous = [ep.record for ep in eps]
+    if spec.producer == "policy":
+        texts = _policy_texts(backend, eps, sampling)
+    else:
+        judge = compressor if compressor is not None else judge_backend(spec.judge or {})
+        chats = [judge_messages(task_text(ep.row), ep.history, ep.record) for ep in eps]
+        timeout = float((spec.judge or {}).get("timeout_s", 60.0))
+        texts = judge_texts(judge, chats, spec.max_tokens, timeout)
+    for ep, text, prev in zip(eps, texts, previous, strict=True):
+        task = task_text(ep.row)
+        record = parse_record(text, task, ep.tool_calls) if text is not None else None
+        fallback = record is None
+        if fallback:
+            record = fallback_record(task, ep.history, prev, ep.tool_calls)
+        context = _compressed_context(ep, record)
+        if len(context) >= budget - 1:  # no room for a turn after the record: keep the history
+            continue
+        ep.compress_fallbacks += int(fallback)
+        ep.compressions += 1
+        ep.untrained_policy_tokens += sum(ep.mask)
+        ep.record, ep.history, ep.env_len = record, [], 0
+        ep.token_ids, ep.logprobs, ep.mask = context, [0.0] * len(context), [0] * len(context)
+
+
 def run_episodes(
-    backend: Any, requests: list[RolloutRequest], sampling: SamplingConfig, tokenizer: Any = None
+    backend: Any,
+    requests: list[RolloutRequest],
+    sampling: SamplingConfig,
+    tokenizer: Any = None,
+    compressor: Any = None,
 ) -> list[RolloutSample]:
     """Play every (request, sample) of ``requests`` as a tool episode on ``backend``; samples come back in
-    request order, then sample index. ``tokenizer`` overrides the one the episode metadata names."""
+    request order, then sample index. ``tokenizer`` overrides the one the episode metadata names;
+    ``compressor`` the judge backend of judge-produced compression."""
     rows = expand_requests(requests)
     started = time.perf_counter()
     episodes = [_start(req, idx, tokenizer) for req, idx in rows]
@@ -253,6 +384,12 @@ def run_episodes(
             if len(outs) != len(live):
                 raise KexaoneError(f"the backend returned {len(outs)} samples for {len(live)} episode turns")
             list(pool.map(lambda pair: _advance(pair[0], pair[1], budget), zip(live, outs, strict=True)))
+            due: dict[str, list[_Episode]] = {}  # one producer call per compression setting
+            for ep in live:
+                if ep.wants_compression():
+                    due.setdefault(repr(ep.compression), []).append(ep)
+            for eps in due.values():
+                _compress(backend, eps, sampling, compressor, budget)
         for ep in episodes:
             if ep.outcome is None:
                 ep.outcome = "max_turns"
