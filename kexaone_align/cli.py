@@ -1,4 +1,4 @@
-"""The ``kexaone-align`` command: validate, explain, run, plan, verifiers, verify.
+"""The ``kexaone-align`` command: validate, explain, run, plan, rehearse, envgen, verifiers, verify.
 
 User mistakes (``KexaoneError``, missing files, YAML errors, Ctrl-C) print ``error: ...`` and exit 2 with
 no traceback. Anything else is a bug: one line plus a hint to rerun with ``--debug`` (exit 1), or the
@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -156,6 +157,31 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_envgen(args: argparse.Namespace) -> int:
+    from kexaone_align.environments.generate import generate_environments, report
+    from kexaone_align.reward_models.backends import backend_from_settings
+
+    def backend(kind: str, model: str | None, base_url: str | None) -> object:
+        return backend_from_settings(
+            {"backend": kind, "model": model, "base_url": base_url, "timeout_s": args.timeout_s}
+        )
+
+    writer = backend(args.backend, args.model, args.base_url)
+    judge = None
+    if not args.no_judge:
+        judge = writer
+        if args.judge_backend:
+            judge = backend(args.judge_backend, args.judge_model, args.judge_base_url)
+    verdicts = generate_environments(
+        writer, args.themes, args.out, judge=judge, per_theme=args.per_theme,
+        max_tokens=args.max_tokens, temperature=args.temperature,
+    )  # fmt: skip
+    summary = report(verdicts)
+    (Path(args.out) / "envgen_report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _passthrough(name: str, rest: list[str]) -> int:
     """Hand `verify` / `verifiers` to the verifiers package, imported only now."""
     try:
@@ -215,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kill", action="store_true", help="run once, without the kill-and-resume")
     p.add_argument("--write-only", action="store_true", help="only write <out>/rehearsal.yaml and assets")
     p.set_defaults(handler=_cmd_rehearse)
+
+    p = subs.add_parser(
+        "envgen", parents=[common], help="write stateful tool environments with an LLM, keep the checked ones"
+    )
+    p.add_argument("themes", nargs="+", help="what each environment is about, e.g. 'library loans'")
+    p.add_argument("--out", required=True, help="directory the accepted <name>.json files are written to")
+    p.add_argument("--backend", choices=("openai", "local"), required=True, help="the writer's backend")
+    p.add_argument("--model", required=True, help="model name (openai) or checkpoint path (local)")
+    p.add_argument("--base-url", help="endpoint of an openai backend, e.g. http://host:8000/v1")
+    p.add_argument("--judge-backend", choices=("openai", "local"), help="the judge's (default: the writer)")
+    p.add_argument("--judge-model", help="the judge's model name or checkpoint path")
+    p.add_argument("--judge-base-url", help="the judge's endpoint (openai)")
+    p.add_argument("--no-judge", action="store_true", help="structural and solvability checks only")
+    p.add_argument("--per-theme", type=int, default=1, help="environments asked for per theme")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens the writer may write per answer")
+    p.add_argument("--temperature", type=float, default=0.7, help="the writer's sampling temperature")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="per-request timeout (openai)")
+    p.set_defaults(handler=_cmd_envgen)
 
     # add_help=False: `verify --help` is answered by the verifiers package's own parser.
     subs.add_parser("verifiers", parents=[common], add_help=False, help="list registered verifiers")

@@ -140,16 +140,9 @@ def judge_backend(settings: dict[str, Any]) -> Any:
     key = json.dumps(settings, sort_keys=True)
     with _JUDGE_LOCK:
         if key not in _JUDGES:
-            from kexaone_align.reward_models import OpenAICompatibleBackend, TransformersJudgeBackend
+            from kexaone_align.reward_models.backends import backend_from_settings
 
-            if settings.get("backend") == "openai":
-                _JUDGES[key] = OpenAICompatibleBackend(
-                    settings["base_url"], settings["model"], timeout_s=float(settings.get("timeout_s", 60.0))
-                )
-            elif settings.get("backend") == "local":
-                _JUDGES[key] = TransformersJudgeBackend(settings["model"])
-            else:
-                raise KexaoneError(f"compression judge backend must be 'openai' or 'local': {settings!r}")
+            _JUDGES[key] = backend_from_settings(settings)
         return _JUDGES[key]
 
 
