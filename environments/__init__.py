@@ -5,7 +5,8 @@ executes the policy's tool calls within ``ToolLimits`` and scores the episode. B
 (code in the sandbox), ``calculator`` and ``orders`` (a stateful data-file environment,
 ``environments/data/orders.json``). Plugins register with ``@register_environment``, through the
 entry-point group ``kexaone_align.environments``, or are named as ``module:attr``,
-``path/file.py:attr`` or ``path/env.json`` in a row's ``environment``.
+``path/file.py:attr`` or ``path/env.json`` in a row's ``environment``. ``generate.py`` writes new
+data-file environments with an LLM and keeps the ones that pass its checks (``kexaone-align envgen``).
 """
 
 from pathlib import Path

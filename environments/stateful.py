@@ -21,6 +21,7 @@ a field must have before the change, or the call is refused with a ``ToolError``
 schema is derived from its operation unless the file gives ``parameters``. Every episode starts from a
 deep copy of ``state``, so episodes never see each other. A prompt row names its task by ``reference``
 (a task id, or an inline ``expect`` object); ``rows_from_environment`` turns a file's tasks into rows.
+Other keys of a task (a generated file's reference ``solution``) are kept and not read here.
 """
 
 from __future__ import annotations
