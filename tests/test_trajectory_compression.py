@@ -246,3 +246,28 @@ def test_parse_record_and_recipe_keys():
     assert rl.compression_spec(R()) is None
     with pytest.raises(KexaoneError, match="producer"):
         CompressionSpec(1, "nobody")
+
+
+def test_judge_backends_from_settings_and_a_hung_judge():
+    import time
+
+    from kexaone_align.reward_models import OpenAICompatibleBackend
+    from kexaone_align.reward_models.backends import backend_from_settings
+
+    from kexaone_align.errors import KexaoneError
+    from kexaone_align.runtime.rollout.compression import judge_texts
+
+    made = backend_from_settings({"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"})
+    assert isinstance(made, OpenAICompatibleBackend) and made.model == "m"
+    with pytest.raises(KexaoneError, match="needs base_url"):
+        backend_from_settings({"backend": "openai", "model": "m"})
+    with pytest.raises(KexaoneError, match="'openai' or 'local'"):
+        backend_from_settings({"backend": "ollama"})
+
+    class Hung:
+        def complete(self, messages, *, max_tokens, temperature):
+            time.sleep(5)
+
+    started = time.perf_counter()
+    assert judge_texts(Hung(), [[{"role": "user", "content": "x"}]], 8, timeout_s=0.2) == [None]
+    assert time.perf_counter() - started < 2
