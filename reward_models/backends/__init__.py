@@ -11,7 +11,7 @@ from kexaone_align.errors import KexaoneError
 def backend_from_settings(settings: dict) -> JudgeBackend:
     """A backend from plain settings (``backend`` ``openai`` with ``base_url`` and ``model``, or ``local``
     with a checkpoint path as ``model``; optional ``timeout_s`` and ``max_concurrency``), for code that
-    receives its judge as data (a rollout worker, the environment generator)."""
+    receives its judge as data: a rollout worker (the recipe's ``tools.compress_judge``), ``envgen``."""
     kind = settings.get("backend")
     if kind == "openai":
         if not settings.get("base_url") or not settings.get("model"):
