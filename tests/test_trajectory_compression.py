@@ -271,3 +271,19 @@ def test_judge_backends_from_settings_and_a_hung_judge():
     started = time.perf_counter()
     assert judge_texts(Hung(), [[{"role": "user", "content": "x"}]], 8, timeout_s=0.2) == [None]
     assert time.perf_counter() - started < 2
+
+
+def test_no_room_for_the_policys_record_gives_the_fallback(tokenizer, model):
+    from kexaone_align.runtime.rollout.episodes import tool_turn_text
+
+    backend = Scripted(model, tokenizer, {"#t0": CALL, "#c0": RECORD})
+    ask = tokenizer(tool_turn_text(tokenizer, ["84"], False, then_user=INSTRUCTION), add_special_tokens=False)
+    budget = len(backend.script["#t0"]) + len(ask["input_ids"]) + 10  # < 16 tokens left for a record
+    sampling = SamplingConfig(max_new_tokens=budget, temperature=0.8, top_p=0.9, seed=5)
+    req = request(tokenizer, "q", CompressionSpec(after_calls=1, max_tokens=64), n=1)
+    (s,) = run_episodes(backend, [req], sampling, tokenizer)
+    info = s.metadata["episode"]
+    assert not any("#c" in r.request_id for r in backend.seen)  # never asked: no request past the budget
+    assert info["compressions"] == 1 and info["compress_fallbacks"] == 1
+    assert len(s.token_ids) <= budget
+    check_against_forward(model, s)

@@ -61,6 +61,7 @@ from kexaone_align.runtime.rollout.compression import (
 
 END_OF_TURN = "<|endofturn|>"
 MAX_TOOL_THREADS = 8
+MIN_RECORD_TOKENS = 16  # less room than this for the policy's record: the fallback record instead
 
 _TOKENIZERS: dict[str, Any] = {}
 _TOKENIZER_LOCK = threading.Lock()
@@ -305,30 +306,34 @@ def _compressed_context(ep: _Episode, record: dict[str, Any]) -> list[int]:
 
 def _policy_texts(backend: Any, eps: list[_Episode], sampling: SamplingConfig) -> list[str | None]:
     """The policy's own records: each episode's context with the instruction turn after its last tool
-    results, generated as request ``{r}#{k}#c{n}`` (a fixed seed, like the turns)."""
-    requests = []
+    results, generated as request ``{r}#{k}#c{n}`` (a fixed seed, like the turns). A request stays within
+    the episode's budget after the prompt (an engine holds no longer sequence); an episode whose record
+    would have fewer than ``MIN_RECORD_TOKENS`` tokens of room gets None (the fallback record)."""
+    from kexaone_align.environments import final_answer
+
+    requests, asked = [], []
     for ep in eps:
         with _TOKENIZE_LOCK:
             text = tool_turn_text(ep.tokenizer, ep.results, False, then_user=INSTRUCTION)
             ask = list(ep.tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids = list(ep.request.prompt_token_ids) + ep.token_ids[: len(ep.token_ids) - ep.env_len] + ask
+        history = ep.token_ids[: len(ep.token_ids) - ep.env_len]
+        room = min(ep.compression.max_tokens, sampling.max_new_tokens - len(history) - len(ask))
+        if room < MIN_RECORD_TOKENS:
+            continue
         rid = f"{ep.request.request_id}#{ep.index}#c{ep.compressions}"
-        budget = min(ep.compression.max_tokens, sampling.max_new_tokens)
-        requests.append(RolloutRequest(rid, ids, 1, {}, max_new_tokens=budget))
-    outs = backend.generate(requests, sampling)
-    if len(outs) != len(eps):
-        raise KexaoneError(f"the backend returned {len(outs)} records for {len(eps)} compressions")
-    from kexaone_align.environments import final_answer
-
-    texts: list[str | None] = []
-    for ep, out in zip(eps, outs, strict=True):
+        requests.append(RolloutRequest(rid, list(ep.request.prompt_token_ids) + history + ask, 1, {}, room))
+        asked.append(ep)
+    outs = backend.generate(requests, sampling) if requests else []
+    if len(outs) != len(requests):
+        raise KexaoneError(f"the backend returned {len(outs)} records for {len(requests)} compressions")
+    texts: dict[int, str | None] = {}
+    for ep, out in zip(asked, outs, strict=True):
         if out.finish_reason != "stop":  # a record cut by its token budget is not a JSON object
-            texts.append(None)
             continue
         with _TOKENIZE_LOCK:
             text = ep.tokenizer.decode(list(out.token_ids)[:-1], skip_special_tokens=False)
-        texts.append(final_answer(text))
-    return texts
+        texts[id(ep)] = final_answer(text)
+    return [texts.get(id(ep)) for ep in eps]
 
 
 def _compress(
