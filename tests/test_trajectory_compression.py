@@ -287,3 +287,17 @@ def test_no_room_for_the_policys_record_gives_the_fallback(tokenizer, model):
     assert info["compressions"] == 1 and info["compress_fallbacks"] == 1
     assert len(s.token_ids) <= budget
     check_against_forward(model, s)
+
+
+def test_the_worker_path_plays_compressed_episodes_from_plain_metadata(tokenizer, model):
+    import pickle
+
+    from kexaone_align.runtime.rollout.worker import RolloutWorker
+
+    worker = RolloutWorker(Scripted(model, tokenizer, {"#t0": CALL, "#c0": RECORD}))
+    req = request(tokenizer, "w", CompressionSpec(after_calls=1, max_tokens=64), n=1)
+    req = pickle.loads(pickle.dumps(req))  # as a Ray call ships it; the worker loads the tokenizer by path
+    (s,) = worker.generate([req], SAMPLING)
+    assert s.metadata["episode"]["compressions"] == 1 and s.metadata["episode"]["compress_fallbacks"] == 0
+    assert json.loads(json.dumps(s.metadata)) == s.metadata  # the GROUPER group cache stores it as JSON
+    check_against_forward(model, s)
