@@ -145,6 +145,72 @@ def test_multi_turn_tool_episode_matches_a_transformers_forward(engine, checkpoi
         assert torch.all(got[~mask] == 0)
 
 
+def test_compressed_tool_episode_over_vllm(engine, checkpoints):
+    """Trajectory compression over vLLM's generate: the policy's record request (sampled by the engine,
+    within its max_model_len) and the turn after the record; the final context's policy log-probs equal a
+    transformers forward of the same text, and a replay is the same episode."""
+    from kexaone_align.environments import ToolLimits
+    from transformers import AutoModelForCausalLM
+
+    from kexaone_align.data.prompts import parse_prompt_row
+    from kexaone_align.models import load_tokenizer
+    from kexaone_align.runtime.rollout.base import RolloutSample
+    from kexaone_align.runtime.rollout.compression import CompressionSpec
+    from kexaone_align.runtime.rollout.episodes import run_episodes
+    from kexaone_align.runtime.rollout.sampling import processed_logprobs as sampler_logprobs
+    from kexaone_align.stages import rl
+
+    tok = load_tokenizer(checkpoints[0])
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[0], dtype=torch.float32).eval()
+    forced = tok(FORCED, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    raw = {"id": "q", "messages": [{"role": "user", "content": "What is 12 * 7?"}], "task": "math",
+           "reference": "84", "environment": "calculator", "enable_thinking": False}  # fmt: skip
+    spec = CompressionSpec(after_calls=1, max_tokens=48)
+    (req,) = rl.build_requests(tok, [parse_prompt_row(raw, "q")], 2, "c", tool_limits=ToolLimits(max_turns=2),
+                               compression=spec)  # fmt: skip
+    sampling = SamplingConfig(max_new_tokens=min(320, 511 - len(req.prompt_token_ids)), seed=11)
+    seen = []
+
+    def logp_of(ids: list[int], n_prompt: int) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+        logp = sampler_logprobs(logits[n_prompt - 1 : -1], sampling.temperature, sampling.top_p)
+        return logp.gather(1, torch.tensor(ids[n_prompt:])[:, None]).squeeze(1)
+
+    class FirstTurnForced:
+        policy_version = 0
+
+        def generate(self, requests, sampling):
+            seen.extend(r.request_id for r in requests)
+            real = iter(engine.generate([r for r in requests if not r.request_id.endswith("#t0")], sampling))
+            out = []
+            for r in requests:
+                if r.request_id.endswith("#t0"):
+                    lps = logp_of(r.prompt_token_ids + forced, len(r.prompt_token_ids)).tolist()
+                    out.append(RolloutSample(r.request_id, 0, r.prompt_token_ids, forced, lps, "stop", 0))
+                else:
+                    out.append(next(real))
+            return out
+
+    samples = run_episodes(FirstTurnForced(), [req], sampling, tok)
+    assert "c-0-q#0#c0" in seen and "c-0-q#1#c0" in seen  # the engine was asked for the records
+    again = run_episodes(FirstTurnForced(), [req], sampling, tok)
+    assert [s.token_ids for s in samples] == [s.token_ids for s in again]
+    assert [s.metadata["episode"]["record"] for s in samples] == [
+        s.metadata["episode"]["record"] for s in again
+    ]
+    for s in samples:
+        info = s.metadata["episode"]
+        assert info["compressions"] == 1 and info["untrained_policy_tokens"] == len(forced)
+        assert len(s.token_ids) <= sampling.max_new_tokens
+        mask = torch.tensor(s.policy_mask, dtype=torch.bool)
+        assert mask.any() and not mask[0]  # the record first (context), then the policy's turn
+        want = logp_of(s.prompt_token_ids + s.token_ids, len(s.prompt_token_ids))
+        got = torch.tensor(s.logprobs)
+        assert torch.allclose(got[mask], want[mask], atol=1e-4), (got[mask] - want[mask]).abs().max()
+        assert torch.all(got[~mask] == 0)
+
+
 def test_weight_push_in_many_buckets_is_served_exactly(engine, checkpoints):
     """Version 1: another model (with a non-zero router bias) in ~1 MB buckets; version 2: back again."""
     from transformers import AutoModelForCausalLM
