@@ -9,7 +9,9 @@ finished rows keep decoding pad tokens until the whole batch stops, the behaviou
 all settings share one model in this process, run interleaved (rotated order per round, a fresh seed
 per round, every setting on the same seed within a round) after one warm-up call each, with
 ``--threads`` torch threads (1: what a rollout actor gets under Ray). Every setting must return the
-same tokens as ``none`` in a round, or the script fails.
+same tokens as ``none`` in a round, or the script fails. ``--budgets 18,36,54,72`` gives the
+prompts these per-request token budgets in turn (``RolloutRequest.max_new_tokens``), a batch whose rows
+end at very different steps, as long-tailed response lengths do.
 
     python benchmarks/rollout_compaction.py --checkpoint <sft run_dir>/export --repeats 5 \\
         --out benchmarks/results/rollout_compaction.json
@@ -47,6 +49,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="SFT export (default: the recipe's tiny model)")
     parser.add_argument("--fractions", default="none,0.25,0.01", help="compact_fraction settings; none = off")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--budgets", default=None, help="per-request max_new_tokens in turn, e.g. 18,36,54,72"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default="/tmp/kexaone-bench-compaction")
     parser.add_argument("--quick", action="store_true", help="2 prompts x 4 samples x 12 tokens, 1 round")
@@ -68,6 +73,11 @@ def main() -> None:
     path, requests, sampling, recipe = tiny_agapo_batch(
         Path(args.recipe), ckpt, Path(args.workdir), overrides
     )
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else []
+    if budgets:
+        requests = [
+            dataclasses.replace(r, max_new_tokens=budgets[i % len(budgets)]) for i, r in enumerate(requests)
+        ]
     base = HFRolloutBackend(path, dtype="float32", max_batch_size=recipe.rollout.batch_size)
     backends = {
         name: HFRolloutBackend.from_model(base.model, max_batch_size=base.max_batch_size, compact_fraction=f)
@@ -116,6 +126,7 @@ def main() -> None:
             "top_p": sampling.top_p,
             "max_batch_size": recipe.rollout.batch_size,
             "torch_threads": args.threads,
+            "request_budgets": budgets or None,
             "fractions": names,
             "order": "interleaved, rotated per round; warm-up call per setting",
         },

@@ -236,7 +236,7 @@ STAGGERED = [
 ]
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.01])
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
 def test_dropping_finished_rows_changes_no_sample(model, fraction):
     """Compaction leaves every token, log-prob and stop reason as decoding the full batch gives them."""
     full = HFRolloutBackend.from_model(model, max_batch_size=8, compact_fraction=None)

@@ -41,7 +41,7 @@ from kexaone_align.runtime.rollout.sampling import (
 )
 
 # Drop finished rows from the decode batch once this share of it has finished (see _generate_batch).
-COMPACT_FRACTION = 0.25
+COMPACT_FRACTION = 0.1
 
 
 def load_named_tensors(
