@@ -143,8 +143,9 @@ class StreamingGrader:
         if self._actors:
             import ray
 
-            for actor in self._actors:
-                ray.kill(actor)
+            if ray.is_initialized():
+                for actor in self._actors:
+                    ray.kill(actor)
             self._actors, self._idle = [], deque()
 
     # ------------------------------------------------------------------------------- internals
