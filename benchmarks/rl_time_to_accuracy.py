@@ -14,13 +14,17 @@ stage runs it every ``--eval-every`` steps itself (``agapo.eval_every_steps``, i
 rollout worker); for TRL a callback wraps the trainer's live model in the same backend and calls the
 same function. Evaluation time is excluded from both training clocks.
 
-Each system runs in a fresh child process (``--child``); runs are interleaved ours, TRL, ours, TRL, ...
-Reported per run: training-loop seconds to reach the target held-out accuracy, RL steps per minute,
-learner tokens/s (prompt + response tokens through forward + backward + optimizer, over learner time)
-and rollout tokens/s (generated tokens over generation time). The JSON keeps every run, the medians
-and the TRL/ours ratios.
+Each run uses one seed out of ``--seeds`` (the recipe's ``seed`` for both systems: our sampling
+streams and prompt order, TRL's ``GRPOConfig.seed`` and the same prompt order, and the held-out rows and
+evaluation random numbers, so every arm starts from the same accuracy within a seed). The target is set
+per seed (accuracy before RL + ``--target-gain``). Each system runs in a fresh child process
+(``--child``); runs are interleaved per seed: ours, TRL, ours, TRL, ... Reported per run:
+training-loop seconds to reach the target held-out accuracy, RL steps per minute, learner tokens/s
+(prompt + response tokens through forward + backward + optimizer, over learner time) and rollout
+tokens/s (generated tokens over generation time). The JSON keeps every run, the medians
+and TRL/ours ratios per seed and over all seeds, and the per-seed ratios with their median.
 
-    python benchmarks/rl_time_to_accuracy.py --checkpoint runs/tiny/sft/export --steps 40 --repeats 3
+    python benchmarks/rl_time_to_accuracy.py --checkpoint runs/tiny/sft/export --steps 40 --seeds 0,1,2
     python benchmarks/rl_time_to_accuracy.py --quick --out /tmp/rl_tta_quick.json   # smoke test
 """
 
@@ -432,6 +436,42 @@ def summarize(runs: list[dict[str, Any]], target: float, arms: tuple[str, ...] =
     return out
 
 
+def summarize_seeds(
+    runs: list[dict[str, Any]], targets: dict[int, float], arms: tuple[str, ...] = SYSTEMS
+) -> dict[str, Any]:
+    """Medians and TRL/arm ratios over every run (all seeds), plus the same per seed.
+
+    Every run carries ``seed`` and a ``time_to_target_s`` against its own seed's target. Over all seeds,
+    ``ratio_trl_over_<arm>`` is the ratio of medians (as in :func:`summarize`), and
+    ``per_seed_ratio_time_to_target_<arm>`` lists each seed's ratio with their median alongside.
+    """
+    seeds = sorted(targets)
+    out = summarize(runs, float("nan"), arms)
+    out["target_accuracy"] = {str(seed): targets[seed] for seed in seeds}
+    out["per_seed"] = {
+        str(seed): summarize([r for r in runs if r["seed"] == seed], targets[seed], arms) for seed in seeds
+    }
+    for arm in arms:
+        if arm == "trl" or "trl" not in arms:
+            continue
+        per_seed = [out["per_seed"][str(seed)][f"ratio_trl_over_{arm}"]["time_to_target_s"] for seed in seeds]
+        out[f"per_seed_ratio_time_to_target_{arm}"] = per_seed
+        full = all(r is not None for r in per_seed)
+        out[f"median_per_seed_ratio_time_to_target_{arm}"] = median(per_seed) if full else None
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` -> [0, 1, 2]: distinct non-negative integers."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchmarkError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise BenchmarkError(f"--seeds {text!r}: give distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -441,7 +481,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="RL steps per run (agapo.steps)")
     ap.add_argument("--eval-every", type=int, default=5, help="held-out evaluation every N steps")
     ap.add_argument("--num-eval", type=int, default=200, help="held-out prompts (data.num_eval)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per system, interleaved")
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated recipe seeds, every arm runs each (default 0,1,2)")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=1, help="runs per arm and seed, interleaved")
     ap.add_argument("--target", type=float, help="absolute held-out accuracy target")
     ap.add_argument("--target-gain", type=float, default=0.05,
                     help="target = accuracy before RL + this (used when --target is not given)")  # fmt: skip
@@ -453,7 +495,7 @@ def main() -> None:
     known = ", ".join(ARMS)
     ap.add_argument("--arms", default="ours,trl",
                     help=f"comma-separated arms, interleaved in this order; known: {known}")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (~1 min): 2 steps, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (~1 min): 2 steps, 1 repeat, seed 0")
     ap.add_argument("--out", default="benchmarks/results/rl_time_to_accuracy.json")
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -477,6 +519,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     """Interleaved runs of both systems, the target, medians, ratios and the results JSON."""
     if args.quick:
         args.steps, args.eval_every, args.num_eval, args.repeats = 2, 1, 4, 1
+    seeds = parse_seeds(args.seeds if args.seeds is not None else ("0" if args.quick else "0,1,2"))
     for name in ("steps", "repeats", "num_eval", "trl_threads", "trl_micro_batch"):
         if getattr(args, name) < 1:
             raise BenchmarkError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -509,21 +552,24 @@ def orchestrate(args: argparse.Namespace) -> None:
             )
         checkpoint = str(Path(checkpoint).resolve())
         runs = []
-        for repeat in range(args.repeats):
-            for system in arms:
-                result = run_child(system, args, checkpoint, overrides)
-                result["repeat"] = repeat
-                runs.append(result)
-                print(f"[{repeat}] {system}: {result['steps']} steps in {result['train_seconds']:.1f}s "
-                      f"({result['steps_per_minute']:.2f} steps/min), learner "
-                      f"{result['learner_tokens_per_s'] or 0:.0f} tok/s, rollout "
-                      f"{result['rollout_tokens_per_s'] or 0:.0f} tok/s, accuracy "
-                      f"{[round(p['accuracy'], 3) for p in result['curve']]}", flush=True)  # fmt: skip
-    before = median([r["curve"][0]["accuracy"] for r in runs if r["system"] == "ours"])
-    target = args.target if args.target is not None else before + args.target_gain
+        for seed in seeds:
+            for repeat in range(args.repeats):
+                for system in arms:
+                    result = run_child(system, args, checkpoint, [*overrides, f"seed={seed}"])
+                    result["seed"], result["repeat"] = seed, repeat
+                    runs.append(result)
+                    report(result)
+    befores = {
+        seed: median([r["curve"][0]["accuracy"] for r in runs if r["seed"] == seed and r["system"] == "ours"])
+        for seed in seeds
+    }
+    targets = {seed: args.target if args.target is not None else befores[seed] + args.target_gain
+               for seed in seeds}  # fmt: skip
     for r in runs:
-        r["time_to_target_s"] = time_to_target(r["curve"], target)
-    summary = summarize(runs, target, arms)
+        r["time_to_target_s"] = time_to_target(r["curve"], targets[r["seed"]])
+    same_start = all(r["curve"][0]["accuracy"] == befores[r["seed"]] for r in runs)
+    summary = summarize_seeds(runs, targets, arms)
+    summary["before_rl_identical_across_arms_within_each_seed"] = same_start
     command = "python benchmarks/rl_time_to_accuracy.py " + shlex.join(sys.argv[1:])
     payload = {
         "benchmark": "rl_time_to_accuracy",
@@ -536,21 +582,37 @@ def orchestrate(args: argparse.Namespace) -> None:
             "steps": args.steps,
             "eval_every": args.eval_every,
             "num_eval": args.num_eval,
+            "seeds": seeds,
             "repeats": args.repeats,
-            "target": {"absolute": args.target, "gain": args.target_gain, "eval_before_ours_median": before},
+            "target": {
+                "absolute": args.target,
+                "gain": args.target_gain,
+                "eval_before_ours_median": median(list(befores.values())),
+                "eval_before_per_seed": {str(k): v for k, v in befores.items()},
+            },
             "trl_threads": args.trl_threads,
             "trl_micro_batch": args.trl_micro_batch,
             "quick": args.quick,
             "arms": {a: {"system": ARMS[a][0], "overrides": ARMS[a][1]} for a in arms},
-            "order": "interleaved: " + ", ".join(arms) + " per repeat",
+            "order": "per seed, repeats interleaved: " + ", ".join(arms) + " per repeat",
         },
         "summary": summary,
         "runs": runs,
         "seconds": time.perf_counter() - started,
     }
     write_json(args.out, payload)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_seed"}, indent=1))
     print(f"reproduce: cd {REPO} && . .venv/bin/activate && {command}")
+
+
+def report(result: dict[str, Any]) -> None:
+    """One line per finished run."""
+    print(f"[seed {result['seed']}, {result['repeat']}] {result['system']}: {result['steps']} steps in "
+          f"{result['train_seconds']:.1f}s "
+          f"({result['steps_per_minute']:.2f} steps/min), learner "
+          f"{result['learner_tokens_per_s'] or 0:.0f} tok/s, rollout "
+          f"{result['rollout_tokens_per_s'] or 0:.0f} tok/s, accuracy "
+          f"{[round(p['accuracy'], 3) for p in result['curve']]}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

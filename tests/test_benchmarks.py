@@ -54,6 +54,7 @@ def test_memcpy_bandwidth_is_positive_and_recorded():
         "overlap",
         "moe_kernels",
         "rollout_backends",
+        "rollout_compaction",
         "code_humaneval",
     ],
 )
@@ -68,7 +69,7 @@ def test_committed_results_are_traceable(name):
 
 def test_scripts_show_help():
     scripts = ("logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels",
-               "rollout_backends", "code_humaneval")  # fmt: skip
+               "rollout_backends", "rollout_compaction", "code_humaneval")  # fmt: skip
     for script in (f"{name}.py" for name in scripts):
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--out" in out.stdout
@@ -105,6 +106,34 @@ def test_rl_time_to_accuracy_target_and_ratios():
     assert three["speedup_time_to_target"] == pytest.approx(3.0)
     assert three["speedup_time_to_target_ours_overlap"] == pytest.approx(5.0)
     assert three["ratio_trl_over_ours_overlap"]["train_seconds"] == pytest.approx(40.0 / 12.0)
+
+
+def test_rl_time_to_accuracy_summarizes_each_seed_and_their_ratios():
+    import rl_time_to_accuracy as tta
+
+    def run(system, seed, ttt):
+        return {"system": system, "seed": seed, "time_to_target_s": ttt, "train_seconds": 2.0 * (ttt or 50.0),
+                "steps_per_minute": 60.0, "learner_tokens_per_s": 100.0, "rollout_tokens_per_s": 50.0,
+                "curve": [{"step": 0, "train_seconds": 0.0, "accuracy": 0.1 * seed}], "rollout_seconds": 5.0,
+                "learner_seconds": 4.0, "other_seconds": 1.0, "learner_steps": 3}  # fmt: skip
+
+    runs = [run("ours", 0, 10.0), run("trl", 0, 30.0), run("ours", 1, 20.0), run("trl", 1, 20.0),
+            run("ours", 2, 40.0), run("trl", 2, 60.0)]  # fmt: skip
+    out = tta.summarize_seeds(runs, {0: 0.2, 1: 0.3, 2: 0.4})
+    assert out["per_seed_ratio_time_to_target_ours"] == pytest.approx([3.0, 1.0, 1.5])
+    assert out["median_per_seed_ratio_time_to_target_ours"] == pytest.approx(1.5)
+    assert out["ours"]["time_to_target_s"] == 20.0 and out["trl"]["time_to_target_s"] == 30.0
+    assert out["ratio_trl_over_ours"]["time_to_target_s"] == pytest.approx(1.5)  # ratio of medians
+    assert out["per_seed"]["1"]["target_accuracy"] == 0.3 and out["target_accuracy"]["2"] == 0.4
+    # a seed where TRL never reached the target: that seed's ratio and the median of ratios are None
+    runs[5] = run("trl", 2, None)
+    out = tta.summarize_seeds(runs, {0: 0.2, 1: 0.3, 2: 0.4})
+    assert out["per_seed_ratio_time_to_target_ours"][2] is None
+    assert out["median_per_seed_ratio_time_to_target_ours"] is None and out["trl"]["reached_target"] == "2/3"
+    assert tta.parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("0,0", "a", "", "-1"):
+        with pytest.raises(tta.BenchmarkError, match="--seeds"):
+            tta.parse_seeds(bad)
 
 
 def test_rl_time_to_accuracy_refuses_unknown_arms(tmp_path):
@@ -149,6 +178,7 @@ def test_rl_time_to_accuracy_quick_runs_both_systems_end_to_end(tmp_path):
     data = json.loads(out.read_text())
     assert data["benchmark"] == "rl_time_to_accuracy" and data["command"] and data["machine"]["nproc"] >= 1
     assert [r["system"] for r in data["runs"]] == ["ours", "trl"]
+    assert data["settings"]["seeds"] == [0] and [r["seed"] for r in data["runs"]] == [0, 0]
     for run in data["runs"]:
         assert run["steps"] == 2
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]  # before, every step (--quick: eval every 1)
@@ -165,8 +195,11 @@ def test_rl_time_to_accuracy_quick_runs_both_systems_end_to_end(tmp_path):
         assert {"time_to_target_s", "steps_per_minute", "learner_tokens_per_s", "rollout_tokens_per_s",
                 "reached_target"} <= set(summary[system])  # fmt: skip
     assert summary["ratio_trl_over_ours"]["steps_per_minute"] > 0
-    before = data["settings"]["target"]["eval_before_ours_median"]
-    assert summary["target_accuracy"] == pytest.approx(before + 0.05)  # default: accuracy before RL + 0.05
+    assert summary["before_rl_identical_across_arms_within_each_seed"] is True
+    before = data["settings"]["target"]["eval_before_per_seed"]["0"]
+    # default target: that seed's accuracy before RL + 0.05
+    assert summary["per_seed"]["0"]["target_accuracy"] == pytest.approx(before + 0.05)
+    assert len(summary["per_seed_ratio_time_to_target_ours"]) == 1
 
 
 def test_overlap_reads_steady_step_time_from_training_rows_only(tmp_path):
@@ -215,7 +248,8 @@ def test_rl_time_to_accuracy_committed_results_are_traceable():
     assert data["benchmark"] == "rl_time_to_accuracy" and data["command"] and data["settings"]["recipe"]
     systems = [r["system"] for r in data["runs"]]
     arms = list(data["settings"].get("arms", ("ours", "trl")))
-    assert systems == arms * data["settings"]["repeats"]  # interleaved
+    seeds = data["settings"].get("seeds", [0])  # results from before --seeds ran one seed
+    assert systems == arms * data["settings"]["repeats"] * len(seeds)  # interleaved
     for run in data["runs"]:
         assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == data["settings"]["steps"]
     assert set(data["summary"]["ratio_trl_over_ours"]) >= {"time_to_target_s", "steps_per_minute"}

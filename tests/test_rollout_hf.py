@@ -226,3 +226,41 @@ def test_sampling_config_from_recipe_section():
     cfg = SamplingConfig.from_recipe(RolloutConfig(max_new_tokens=77, top_k=12), stop_token_ids=[5], seed=3)
     assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (1.0, 0.95, 12, 77)
     assert cfg.stop_token_ids == (5,) and cfg.seed == 3
+
+
+# requests whose rows finish at different steps: own budgets 3, 7 and 12 tokens, and one stop token
+STAGGERED = [
+    RolloutRequest("b3", [1, 17, 40], num_samples=2, max_new_tokens=3),
+    RolloutRequest("b7", [1, *range(100, 114)], num_samples=3, max_new_tokens=7),
+    RolloutRequest("b12", [1, 5, 6, 7, 8, 9], num_samples=3),
+]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_dropping_finished_rows_changes_no_sample(model, fraction):
+    """Compaction leaves every token, log-prob and stop reason as decoding the full batch gives them."""
+    full = HFRolloutBackend.from_model(model, max_batch_size=8, compact_fraction=None)
+    compact = HFRolloutBackend.from_model(model, max_batch_size=8, compact_fraction=fraction)
+    stops = (3, 7, 11, 19, 23, 29)
+    for sampling in (
+        SamplingConfig(max_new_tokens=12, seed=4, top_p=0.9),
+        SamplingConfig(max_new_tokens=12, seed=5, stop_token_ids=stops),
+    ):
+        a, b = full.generate(STAGGERED, sampling), compact.generate(STAGGERED, sampling)
+        assert [(s.token_ids, s.finish_reason) for s in a] == [(s.token_ids, s.finish_reason) for s in b]
+        for x, y in zip(a, b, strict=True):
+            assert y.logprobs == pytest.approx(x.logprobs, abs=1e-5)
+        # finished rows were not decoded: fewer rows went through the model per step
+        assert compact.decode_row_steps < full.decode_row_steps
+    longest = max(len(s.token_ids) for s in b)
+    assert full.decode_row_steps == 8 * (longest - 1)  # without compaction every row runs to the end
+    for s in b:  # and the compacted samples still equal a full uncached forward of their text
+        logits = full_forward_logits(model, s.prompt_token_ids, s.token_ids)
+        ref = reference_logprobs(logits, sampling.temperature, sampling.top_p, sampling.top_k)
+        expected = ref[torch.arange(len(s.token_ids)), torch.tensor(s.token_ids)]
+        assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), expected, atol=1e-4)
+
+
+def test_compact_fraction_is_validated(model):
+    with pytest.raises(KexaoneError, match="compact_fraction"):
+        HFRolloutBackend.from_model(model, compact_fraction=1.0)

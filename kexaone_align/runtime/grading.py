@@ -1,10 +1,12 @@
 """Rule-verifier grading as Ray tasks over the cluster's CPUs, started while generation still runs.
 
 ``StreamingGrader.submit`` is called with each rollout worker's samples as they arrive
-(``RolloutPool.collect(on_result=...)``); they are cut into chunks of ``chunk_size`` and graded by Ray
-tasks, at most ``num_workers`` at once (a driver thread launches the next chunk as one finishes), spread
-over the nodes, each sample within ``timeout_s``. By the time the last sample arrives most of the batch
-is already graded: what is left (``grading/tail_s``) is the grading of the last worker's samples.
+(``RolloutPool.collect(on_result=...)``); they are cut into chunks of ``chunk_size`` and graded by up
+to ``num_workers`` grading actors (Ray actors started on first use and kept for the stage, so their
+processes and math workers start once; a driver thread hands the next chunk to an actor as one
+finishes), spread over the nodes, each sample within ``timeout_s``. By the time the last sample
+arrives most of the batch is already graded: what is left (``grading/tail_s``) is the grading of the
+last worker's samples.
 
 ``backend="local"`` is the previous behaviour, kept for comparison and for drivers without Ray: the
 driver grades the whole batch with ``num_workers`` threads once ``wait`` is called.
@@ -32,15 +34,24 @@ def grade_chunk(samples: list[Any], router: Any, timeout_s: float | str | None) 
     return score_batch(samples, router, max_workers=1, timeout_s=timeout_s).rewards
 
 
-_REMOTE: dict[float, Any] = {}
+class _ChunkGrader:
+    """A grading worker that stays up for the whole stage (a Ray actor): its process, imports and math
+    worker subprocess are started once, not once per task as with plain Ray tasks, whose idle worker
+    processes Ray retires between steps."""
+
+    def grade(self, samples: list[Any], router: Any, timeout_s: float | str | None) -> list[float]:
+        return grade_chunk(samples, router, timeout_s)
+
+    def ping(self) -> bool:
+        return True
 
 
-def _remote_grade_chunk(num_cpus: float) -> Any:
+def _grading_actor(num_cpus: float) -> Any:
     import ray
 
-    if num_cpus not in _REMOTE:
-        _REMOTE[num_cpus] = ray.remote(num_cpus=num_cpus, max_retries=2)(grade_chunk)
-    return _REMOTE[num_cpus]
+    return ray.remote(num_cpus=num_cpus, max_restarts=2, max_task_retries=2)(_ChunkGrader).options(
+        scheduling_strategy="SPREAD"
+    )
 
 
 class StreamingGrader:
@@ -78,7 +89,9 @@ class StreamingGrader:
         self._router_ref: Any = None
         self._lock = threading.Condition()
         self._queue: deque[tuple[list[Hashable], list[Any]]] = deque()
-        self._inflight: dict[Any, list[Hashable]] = {}
+        self._inflight: dict[Any, tuple[list[Hashable], Any]] = {}  # task -> (keys, actor)
+        self._actors: list[Any] = []  # every grading actor started (at most num_workers)
+        self._idle: deque[Any] = deque()
         self._rewards: dict[Hashable, float] = {}
         self._failed = 0
         self._thread: threading.Thread | None = None
@@ -127,18 +140,31 @@ class StreamingGrader:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
+        if self._actors:
+            import ray
+
+            if ray.is_initialized():
+                for actor in self._actors:
+                    ray.kill(actor)
+            self._actors, self._idle = [], deque()
 
     # ------------------------------------------------------------------------------- internals
     def _launch(self) -> None:
-        """Start queued chunks while fewer than ``num_workers`` run (the lock is held)."""
+        """Start queued chunks on idle grading actors, at most ``num_workers`` at once (the lock is held)."""
         import ray
 
         if self._router_ref is None:
             self._router_ref = ray.put(self.router)
-        task = _remote_grade_chunk(self.cpus_per_task).options(scheduling_strategy="SPREAD")
         while self._queue and len(self._inflight) < self.num_workers:
+            if not self._idle:
+                if len(self._actors) >= self.num_workers:
+                    return
+                actor = _grading_actor(self.cpus_per_task).remote()
+                self._actors.append(actor)
+                self._idle.append(actor)
+            actor = self._idle.popleft()
             keys, samples = self._queue.popleft()
-            self._inflight[task.remote(samples, self._router_ref, self.timeout_s)] = keys
+            self._inflight[actor.grade.remote(samples, self._router_ref, self.timeout_s)] = (keys, actor)
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -164,10 +190,14 @@ class StreamingGrader:
                     logger.warning("grading task failed: %s: %s", type(exc).__name__, exc)
                     values = None
                 with self._lock:
-                    keys = self._inflight.pop(ref)
-                    if values is None:
+                    keys, actor = self._inflight.pop(ref)
+                    if values is None:  # its actor is beyond restarts: start a fresh one instead
                         self._failed += 1
                         values = [0.0] * len(keys)
+                        self._actors.remove(actor)
+                        ray.kill(actor)
+                    else:
+                        self._idle.append(actor)
                     self._rewards.update(zip(keys, values, strict=True))
                     self._launch()
                     self._lock.notify_all()

@@ -5,6 +5,11 @@ exact distribution it was drawn from (temperature, then top-p, renormalised), an
 streams so that a sample does not change when the batch around it changes. Prompts are left-padded;
 position ids are computed from the attention mask so padded and unpadded rows see the same RoPE
 positions.
+
+Rows that finished (stop token or budget) are dropped from the decode batch, KV cache included, once
+a ``compact_fraction`` share of the rows still being decoded has finished; until then they are fed a
+pad token whose result is discarded. Every row decodes in lockstep, so a row's step index stays the
+index of its own next token and random number.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from kexaone_align.runtime.rollout.sampling import (
     processed_logprobs,
     sample_seed,
 )
+
+# Drop finished rows from the decode batch once this share of it has finished (see _generate_batch).
+COMPACT_FRACTION = 0.1
 
 
 def load_named_tensors(
@@ -68,9 +76,11 @@ class HFRolloutBackend:
         dtype: str = "float32",
         max_batch_size: int = 16,
         initial_version: int = 0,
+        compact_fraction: float | None = COMPACT_FRACTION,
     ) -> None:
         model = load_policy(model_path, dtype=dtype)
-        self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version)
+        self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version,
+                    compact_fraction=compact_fraction)  # fmt: skip
 
     @classmethod
     def from_model(
@@ -80,17 +90,30 @@ class HFRolloutBackend:
         device: str = "cpu",
         max_batch_size: int = 16,
         initial_version: int = 0,
+        compact_fraction: float | None = COMPACT_FRACTION,
     ) -> HFRolloutBackend:
         """Wrap an already-built model (tests, or a colocated learner's copy)."""
         self = cls.__new__(cls)
-        self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version)
+        self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version,
+                    compact_fraction=compact_fraction)  # fmt: skip
         return self
 
     def _setup(
-        self, model: PreTrainedModel, *, device: str, max_batch_size: int, initial_version: int
+        self,
+        model: PreTrainedModel,
+        *,
+        device: str,
+        max_batch_size: int,
+        initial_version: int,
+        compact_fraction: float | None,
     ) -> None:
         if max_batch_size < 1:
             raise KexaoneError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if compact_fraction is not None and not 0.0 < compact_fraction < 1.0:
+            raise KexaoneError(f"compact_fraction must be in (0, 1) or None, got {compact_fraction}")
+        # None: never drop finished rows (they decode pad tokens until the whole batch stops)
+        self.compact_fraction = compact_fraction
+        self.decode_row_steps = 0  # rows x forward passes of the last generate call (prefill excluded)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.max_batch_size = max_batch_size
@@ -122,6 +145,7 @@ class HFRolloutBackend:
                 )
         stop = set(self.default_stop_token_ids) | set(sampling.stop_token_ids)
         start = time.perf_counter()
+        self.decode_row_steps = 0
         samples: list[RolloutSample] = []
         for lo in range(0, len(rows), self.max_batch_size):
             samples.extend(self._generate_batch(rows[lo : lo + self.max_batch_size], sampling, stop))
@@ -196,16 +220,16 @@ class HFRolloutBackend:
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         reasons: list[Any] = [None] * batch
+        live = list(range(batch))  # the row of `rows` behind each row of the decode batch
         for step in range(sampling.max_new_tokens):
-            logp = processed_logprobs(
-                out.logits[:, -1, :], sampling.temperature, sampling.top_p, sampling.top_k
-            )
+            logits = out.logits[:, -1, :]
+            logp = processed_logprobs(logits, sampling.temperature, sampling.top_p, sampling.top_k)
             drawn = draw_tokens(logp.exp(), uniforms[:, step])
             if sampling.logprobs == "model_at_temperature":  # report the untruncated softmax at T
-                logp = model_logprobs(out.logits[:, -1, :], sampling.temperature)
+                logp = model_logprobs(logits, sampling.temperature)
             drawn_logp = logp.gather(1, drawn[:, None]).squeeze(1)
             chosen = []
-            for i, (tok, tok_logp) in enumerate(zip(drawn.tolist(), drawn_logp.tolist(), strict=True)):
+            for i, tok, tok_logp in zip(live, drawn.tolist(), drawn_logp.tolist(), strict=True):
                 if reasons[i] is not None:
                     chosen.append(self.pad_token_id)
                     continue
@@ -216,9 +240,18 @@ class HFRolloutBackend:
                 elif len(tokens[i]) >= budgets[i]:
                     reasons[i] = "length"
                 chosen.append(tok)
-            if all(r is not None for r in reasons):
+            keep = [j for j, i in enumerate(live) if reasons[i] is None]
+            if not keep:
                 break
-            mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+            done = len(live) - len(keep)
+            if self.compact_fraction is not None and done and done >= self.compact_fraction * len(live):
+                # drop the finished rows: KV cache (full and sliding-window layers), mask, positions, uniforms
+                index = torch.tensor(keep, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_pos, uniforms = mask[index], next_pos[index], uniforms[index]
+                live, chosen = [live[j] for j in keep], [chosen[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            self.decode_row_steps += len(live)
             out = self.model(
                 input_ids=torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None],
                 attention_mask=mask,
