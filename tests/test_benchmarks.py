@@ -77,7 +77,7 @@ def test_scripts_show_help():
 
 # ------------------------------------------------------------------ RL time to accuracy (ours vs TRL)
 def test_rl_time_to_accuracy_target_and_ratios():
-    import rl_time_to_accuracy as tta
+    import _tta_summary as tta
 
     curve = [{"step": s, "train_seconds": t, "accuracy": a} for s, t, a in ((0, 0.0, 0.1), (5, 7.0, 0.2),
                                                                            (10, 15.0, 0.3))]  # fmt: skip
@@ -109,7 +109,7 @@ def test_rl_time_to_accuracy_target_and_ratios():
 
 
 def test_rl_time_to_accuracy_summarizes_each_seed_and_their_ratios():
-    import rl_time_to_accuracy as tta
+    import _tta_summary as tta
 
     def run(system, seed, ttt):
         return {"system": system, "seed": seed, "time_to_target_s": ttt, "train_seconds": 2.0 * (ttt or 50.0),
@@ -145,7 +145,7 @@ def test_rl_time_to_accuracy_refuses_unknown_arms(tmp_path):
 
 
 def test_rl_time_to_accuracy_trl_config_mirrors_the_agapo_recipe(tmp_path):
-    import rl_time_to_accuracy as tta
+    import _tta_summary as tta
     from trl import GRPOConfig
 
     from kexaone_align.errors import KexaoneError
