@@ -130,10 +130,12 @@ def test_rl_time_to_accuracy_summarizes_each_seed_and_their_ratios():
     out = tta.summarize_seeds(runs, {0: 0.2, 1: 0.3, 2: 0.4})
     assert out["per_seed_ratio_time_to_target_ours"][2] is None
     assert out["median_per_seed_ratio_time_to_target_ours"] is None and out["trl"]["reached_target"] == "2/3"
-    assert tta.parse_seeds("0, 1,2") == [0, 1, 2]
+    import rl_time_to_accuracy as script
+
+    assert script.parse_seeds("0, 1,2") == [0, 1, 2]
     for bad in ("0,0", "a", "", "-1"):
-        with pytest.raises(tta.BenchmarkError, match="--seeds"):
-            tta.parse_seeds(bad)
+        with pytest.raises(script.BenchmarkError, match="--seeds"):
+            script.parse_seeds(bad)
 
 
 def test_rl_time_to_accuracy_refuses_unknown_arms(tmp_path):
