@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from kexaone_align.config import load_recipe
+from kexaone_align.data.tiny_tools import generate_tool_prompts, generate_tool_sft_rows
+from kexaone_align.errors import KexaoneError
 from kexaone_align.stages import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +21,37 @@ TINY = ROOT / "recipes" / "tiny"
 def test_tools_recipes_validate():
     recipe = load_recipe(TINY / "tools_agapo.yaml")
     assert recipe.data.generator == "tiny_tools" and recipe.tools.max_turns == 3
+
+
+def test_tool_rows_follow_operand_digits_and_split():
+    prompts = generate_tool_prompts(50, 0, "heldout", operand_digits=[3, 2])
+    for row in prompts:
+        a, b = (int(x) for x in row["metadata"]["problem"].split(" * "))
+        assert 100 <= a <= 999 and 10 <= b <= 99 and row["reference"] == str(a * b)
+    train = {r["metadata"]["problem"] for r in generate_tool_prompts(400, 0)}  # default 2x2 digits
+    held = {r["metadata"]["problem"] for r in generate_tool_prompts(200, 0, "heldout")}
+    assert len(train) == 400 and len(held) == 200 and not train & held
+    assert all(len(p.split(" * ")[0]) == 2 for p in train)
+    rows = generate_tool_sft_rows(300, 0, tool_skip=0.0, copy_noise=0.0)
+    answers = [r["messages"][-1]["content"] for r in rows]
+    assert answers == [f"The answer is \\boxed{{{r['metadata']['answer']}}}." for r in rows]
+    noisy = generate_tool_sft_rows(1000, 0, tool_skip=0.3, copy_noise=0.2)
+    skips = [r for r in noisy if r["metadata"]["skip"]]
+    slips = [r for r in noisy if r["metadata"]["noisy"]]
+    assert all(len(r["messages"]) == 2 for r in skips) and all(len(r["messages"]) == 4 for r in slips)
+    assert 0.25 < len(skips) / 1000 < 0.35 and 0.1 < len(slips) / 1000 < 0.18
+    assert all(r["metadata"]["answer"] not in r["messages"][-1]["content"] for r in skips + slips)
+
+
+@pytest.mark.parametrize("digits", [[1, 2], [2], [2, 7], [2.0, 2]])
+def test_tool_rows_refuse_bad_operand_digits(digits):
+    with pytest.raises(KexaoneError, match="operand_digits"):
+        generate_tool_prompts(4, 0, operand_digits=digits)
+
+
+def test_tool_prompts_refuse_more_distinct_problems_than_exist():
+    with pytest.raises(KexaoneError, match="distinct heldout prompts"):
+        generate_tool_prompts(1000, 0, "heldout")
 
 
 @pytest.mark.slow
