@@ -1,25 +1,28 @@
-"""The tiny tool task: multiplying a 3-digit by a 2-digit number with a calculator tool.
+"""The tiny tool task: multiplying two 2-digit numbers with a calculator tool.
 
-The tiny model cannot multiply ``347 * 29`` in its head, but it can copy the operands into a
-``calculator`` call and copy the tool's result into ``\\boxed{}``. Problems are split into train and
-held-out partitions by a hash of their text (about 20% held out), as in ``tiny_tasks``.
+The tiny model cannot multiply ``47 * 86`` in its head, but it can copy the operands into a
+``calculator`` call and copy the tool's result into ``\\boxed{}``. ``operand_digits`` (default ``[2, 2]``)
+sets the operands' lengths: longer products are more digits to copy, which a from-scratch toy model learns
+much more slowly. Problems are split into train and held-out partitions by a hash of their text (about 20%
+held out), as in ``tiny_tasks``.
 
 **SFT rows** (``generate_tool_sft_rows``): user question, assistant turn with the tool call, the tool turn
-with the exact product, and the final answer ``The answer is \\boxed{10063}.``; the rows carry the
+with the exact product, and the final answer ``The answer is \\boxed{4042}.``; the rows carry the
 calculator's schema in ``tools``. Two deliberate imperfections leave AGAPO headroom: ``tool_skip`` of
 the rows answer at once without the tool (a wrong guess: the product with one digit changed), and
-``copy_noise`` of the tool-using rows copy the result with one digit changed.
+``copy_noise`` of the tool-using rows copy the result with one digit changed. The SFT model imitates
+both, so AGAPO's reward teaches it to always call the tool and to copy exactly.
 
 **Prompts** (``generate_tool_prompts``, for AGAPO and GROUPER): ``environment: calculator``,
 ``task: math``, the product as ``reference``; the episode is scored by the ``math`` verifier on the
-final answer.
+final answer. Prompts within a split are distinct problems.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kexaone_align.errors import KexaoneError
@@ -33,11 +36,21 @@ def _split_of(a: int, b: int) -> str:
     return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
 
 
-def _problems(rng: random.Random, split: str) -> Iterator[tuple[int, int]]:
+def _problems(rng: random.Random, split: str, digits: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    (lo_a, hi_a), (lo_b, hi_b) = ((10 ** (d - 1), 10**d - 1) for d in digits)
     while True:
-        a, b = rng.randint(100, 999), rng.randint(10, 99)
+        a, b = rng.randint(lo_a, hi_a), rng.randint(lo_b, hi_b)
         if _split_of(a, b) == split:
             yield a, b
+
+
+def _digits(operand_digits: Sequence[int]) -> tuple[int, int]:
+    digits = tuple(operand_digits)
+    if len(digits) != 2 or not all(isinstance(d, int) and 2 <= d <= 6 for d in digits):
+        raise KexaoneError(
+            f"tiny tools: operand_digits must be two integers in [2, 6], got {operand_digits!r}"
+        )
+    return digits[0], digits[1]
 
 
 def _one_digit_off(value: int, rng: random.Random) -> int:
@@ -73,11 +86,12 @@ def generate_tool_sft_rows(
     reasoning_fraction: float = 0.0,
     tool_skip: float = 0.3,
     copy_noise: float = 0.2,
+    operand_digits: Sequence[int] = (2, 2),
 ) -> list[dict[str, Any]]:
     """``n`` tool-use SFT conversations (see the module docstring); ``metadata`` says which are corrupted."""
     _check(n, split, reasoning_fraction=reasoning_fraction, tool_skip=tool_skip, copy_noise=copy_noise)
     rng = random.Random(f"kexaone-tiny-tools-sft-{split}-{seed}")
-    problems = _problems(rng, split)
+    problems = _problems(rng, split, _digits(operand_digits))
     tools = calculator_tools()
     rows = []
     for i in range(n):
@@ -112,12 +126,26 @@ def generate_tool_sft_rows(
 
 
 def generate_tool_prompts(
-    n: int, seed: int, split: str = "train", *, reasoning_fraction: float = 0.0
+    n: int,
+    seed: int,
+    split: str = "train",
+    *,
+    reasoning_fraction: float = 0.0,
+    operand_digits: Sequence[int] = (2, 2),
 ) -> list[dict[str, Any]]:
     """``n`` calculator-episode prompts graded by ``math`` against the product."""
     _check(n, split, reasoning_fraction=reasoning_fraction)
     rng = random.Random(f"kexaone-tiny-tools-rl-{split}-{seed}")
-    problems = _problems(rng, split)
+    digits = _digits(operand_digits)
+    (lo_a, hi_a), (lo_b, hi_b) = ((10 ** (d - 1), 10**d - 1) for d in digits)
+    share = HELDOUT_PERCENT if split == "heldout" else 100 - HELDOUT_PERCENT
+    capacity = (hi_a - lo_a + 1) * (hi_b - lo_b + 1) * share // 100
+    if n > capacity // 2:  # distinct prompts: refuse to draw more than half of the split's problems
+        raise KexaoneError(
+            f"tiny tools: {n} distinct {split} prompts of {digits[0]}x{digits[1]} digits asked, "
+            f"at most {capacity // 2} (of ~{capacity}) allowed"
+        )
+    problems = _problems(rng, split, digits)
     rows, seen = [], set()
     while len(rows) < n:
         a, b = next(problems)
