@@ -147,7 +147,7 @@ def test_rl_time_to_accuracy_refuses_unknown_arms(tmp_path):
 
 
 def test_rl_time_to_accuracy_trl_config_mirrors_the_agapo_recipe(tmp_path):
-    import _tta_summary as tta
+    import rl_time_to_accuracy as tta
     from trl import GRPOConfig
 
     from kexaone_align.errors import KexaoneError
