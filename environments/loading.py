@@ -70,12 +70,9 @@ def discover_entry_points(*, refresh: bool = False) -> list[str]:
 
 
 def _attr(obj: Any, attr: str, ref: str) -> Any:
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise KexaoneError(f"environment reference {ref!r}: no attribute {attr!r}") from None
-    return obj
+    from kexaone_align.verifiers.loading import plugin_attr
+
+    return plugin_attr(obj, attr, ref, "environment")
 
 
 def _load_file(path: Path, ref: str) -> Any:

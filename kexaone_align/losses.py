@@ -81,12 +81,9 @@ def _entry_points() -> dict[str, Any]:
 
 
 def _attr(obj: Any, attr: str, ref: str) -> Any:
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise KexaoneError(f"loss reference {ref!r}: no attribute {attr!r}") from None
-    return obj
+    from kexaone_align.verifiers.loading import plugin_attr
+
+    return plugin_attr(obj, attr, ref, "loss")
 
 
 def _is_file_target(target: str) -> bool:

@@ -117,17 +117,21 @@ def _load_module_attr(module_name: str, attr: str, ref: str) -> Any:
     return _get_attr(module, attr, ref)
 
 
-def _get_attr(module: Any, attr: str, ref: str) -> Any:
+def plugin_attr(module: Any, attr: str, ref: str, kind: str) -> Any:
+    """``module.<attr>`` for a dotted ``attr`` of a plugin reference; ``kind`` names it in the error."""
     obj = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise KexaoneError(
-                f"verifier reference {ref!r}: "
-                f"{getattr(module, '__name__', module)!r} has no attribute {attr!r}"
+                f"{kind} reference {ref!r}: {getattr(module, '__name__', module)!r} has no attribute {attr!r}"
             ) from None
     return obj
+
+
+def _get_attr(module: Any, attr: str, ref: str) -> Any:
+    return plugin_attr(module, attr, ref, "verifier")
 
 
 def exec_plugin_file(path: Path, ref: str, kind: str) -> Any:

@@ -142,6 +142,21 @@ def _resolve_relative(value: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+def _absolute_file_ref(
+    block: dict[str, Any], key: str, base: Path, where: str, kind: str, problems: list[str]
+) -> None:
+    """Make a ``path/to/file.py:attr`` reference at ``block[key]`` absolute (a missing file is a problem)."""
+    ref = block.get(key)
+    if not (isinstance(ref, str) and ".py:" in ref):
+        return
+    file_part, _, attr = ref.rpartition(":")
+    candidate = _resolve_relative(file_part, base)
+    if not Path(candidate).is_file():
+        problems.append(f"  {where}: {kind} file not found: {candidate}")
+    else:
+        block[key] = f"{candidate}:{attr}"
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> tuple[list[str], list[str]]:
     """Make file references absolute.
 
@@ -168,24 +183,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> tuple[list[str], list[str
                     warnings.append(f"data.{key}.{i}: not found on this machine: {candidate}")
     verifiers = raw.get("verifiers")
     if isinstance(verifiers, dict):
-        for task, ref in verifiers.items():
-            if isinstance(ref, str) and ".py:" in ref:
-                file_part, _, attr = ref.rpartition(":")
-                candidate = _resolve_relative(file_part, base)
-                if not Path(candidate).is_file():
-                    problems.append(f"  verifiers.{task}: verifier file not found: {candidate}")
-                else:
-                    verifiers[task] = f"{candidate}:{attr}"
+        for task in verifiers:
+            _absolute_file_ref(verifiers, task, base, f"verifiers.{task}", "verifier", problems)
     for section in ("sft", "agapo", "grouper"):
         block = raw.get(section)
-        ref = block.get("loss") if isinstance(block, dict) else None
-        if isinstance(ref, str) and ".py:" in ref:
-            file_part, _, attr = ref.rpartition(":")
-            candidate = _resolve_relative(file_part, base)
-            if not Path(candidate).is_file():
-                problems.append(f"  {section}.loss: loss file not found: {candidate}")
-            else:
-                block["loss"] = f"{candidate}:{attr}"
+        if isinstance(block, dict):
+            _absolute_file_ref(block, "loss", base, f"{section}.loss", "loss", problems)
     for section in ("model", "tokenizer"):
         block = raw.get(section)
         if isinstance(block, dict):
