@@ -242,19 +242,26 @@ def test_overlap_quick_mode_end_to_end(tmp_path):
     assert ratio == pytest.approx(runs["sync"]["seconds_per_step"] / runs["overlap"]["seconds_per_step"])
 
 
-def test_rl_time_to_accuracy_committed_results_are_traceable():
-    path = BENCH / "results" / "rl_time_to_accuracy.json"
+@pytest.mark.parametrize("name", ["rl_time_to_accuracy.json", "rl_time_to_accuracy_sync_2cpus.json"])
+def test_rl_time_to_accuracy_committed_results_are_traceable(name):
+    path = BENCH / "results" / name
     if not path.exists():
         pytest.skip(f"{path} not generated yet")
     data = json.loads(path.read_text())
     assert data["benchmark"] == "rl_time_to_accuracy" and data["command"] and data["settings"]["recipe"]
     systems = [r["system"] for r in data["runs"]]
     arms = list(data["settings"].get("arms", ("ours", "trl")))
-    seeds = data["settings"].get("seeds", [0])  # results from before --seeds ran one seed
+    seeds = data["settings"]["seeds"]
+    assert len(seeds) >= 3, "the committed comparison runs every arm on at least 3 seeds"
     assert systems == arms * data["settings"]["repeats"] * len(seeds)  # interleaved
     for run in data["runs"]:
         assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == data["settings"]["steps"]
-    assert set(data["summary"]["ratio_trl_over_ours"]) >= {"time_to_target_s", "steps_per_minute"}
+    summary = data["summary"]
+    assert set(summary["ratio_trl_over_ours"]) >= {"time_to_target_s", "steps_per_minute"}
+    assert summary["before_rl_identical_across_arms_within_each_seed"] is True
+    for arm in arms:
+        if arm != "trl":
+            assert len(summary[f"per_seed_ratio_time_to_target_{arm}"]) == len(seeds)
 
 
 def test_moe_kernels_quick_times_each_kernel_on_identical_logits(tmp_path):
