@@ -114,7 +114,7 @@ def _load_module_attr(module_name: str, attr: str, ref: str) -> Any:
         raise KexaoneError(
             f"verifier reference {ref!r}: cannot import module {module_name!r}: {exc}"
         ) from exc
-    return _get_attr(module, attr, ref)
+    return plugin_attr(module, attr, ref, "verifier")
 
 
 def plugin_attr(module: Any, attr: str, ref: str, kind: str) -> Any:
@@ -128,10 +128,6 @@ def plugin_attr(module: Any, attr: str, ref: str, kind: str) -> Any:
                 f"{kind} reference {ref!r}: {getattr(module, '__name__', module)!r} has no attribute {attr!r}"
             ) from None
     return obj
-
-
-def _get_attr(module: Any, attr: str, ref: str) -> Any:
-    return plugin_attr(module, attr, ref, "verifier")
 
 
 def exec_plugin_file(path: Path, ref: str, kind: str) -> Any:
@@ -165,7 +161,7 @@ def _load_file_attr(path_text: str, attr: str, ref: str, base_dir: Path | None) 
     if not path.is_file():
         raise KexaoneError(f"verifier reference {ref!r}: file {str(path)!r} does not exist")
     module = exec_plugin_file(path, ref, "verifier")
-    return _get_attr(module, attr, ref)
+    return plugin_attr(module, attr, ref, "verifier")
 
 
 def resolve_verifier(ref: Any, *, base_dir: str | Path | None = None) -> Verifier:
