@@ -8,10 +8,12 @@ import textwrap
 import pytest
 import torch
 
+from kexaone_align.algorithms import logprobs as logprobs_module
 from kexaone_align.algorithms.logprobs import (
     chunked_token_entropy,
     chunked_token_logprobs,
     naive_token_logprobs,
+    truncation_mask,
 )
 
 
@@ -102,3 +104,29 @@ def test_peak_memory_is_flat_in_sequence_length_at_kexaone_vocab():
     # logits (600 MiB) and their gradient, and grows linearly with length.
     assert long < short * 1.3 + 32, (short, long)
     assert naive > 3 * long, (long, naive)
+
+
+def _sorted_nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by a stable sort of the whole vocabulary: the rule the probe must reproduce."""
+    sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
+    probs = sorted_logp.exp()
+    dropped = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    return ~torch.zeros_like(dropped).scatter(-1, order, dropped)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
+def test_nucleus_from_the_top_tokens_equals_the_full_sort(top_p):
+    """Peaked rows (a trained policy) are decided from the most likely tokens alone; flat rows and ties
+    across the cut fall back to the sort. Either way the kept set is the full sort's."""
+    gen = torch.Generator().manual_seed(3)
+    peaked = torch.log_softmax(torch.randn(64, 1000, generator=gen) * 12, dim=-1)
+    assert logprobs_module._nucleus_drop_from_top(peaked, top_p) is not None  # the probe decides these
+    flat = torch.log_softmax(torch.randn(8, 1000, generator=gen) * 0.1, dim=-1)
+    assert logprobs_module._nucleus_drop_from_top(flat, top_p) is None  # nucleus wider than the probe
+    tied = torch.full((2, 1000), -30.0)
+    tied[:, :4] = 0.0  # four equally likely tokens: any cut inside them splits a tie
+    tied = torch.log_softmax(tied, dim=-1)
+    assert logprobs_module._nucleus_drop_from_top(tied, 0.6) is None
+    rounded = torch.log_softmax(torch.round(torch.randn(32, 1000, generator=gen) * 6), dim=-1)  # many ties
+    for logp in (peaked, flat, tied, rounded):
+        assert torch.equal(truncation_mask(logp, top_p), _sorted_nucleus(logp, top_p))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kexaone_align.errors import KexaoneError
+from kexaone_align.models.attention import GQA_SDPA
 from kexaone_align.runtime.rollout.base import RolloutRequest, SamplingConfig
 from kexaone_align.runtime.rollout.hf import HFRolloutBackend
 from kexaone_align.runtime.rollout.sampling import draw_tokens, processed_logprobs
@@ -264,3 +265,16 @@ def test_dropping_finished_rows_changes_no_sample(model, fraction):
 def test_compact_fraction_is_validated(model):
     with pytest.raises(KexaoneError, match="compact_fraction"):
         HFRolloutBackend.from_model(model, compact_fraction=1.0)
+
+
+def test_cpu_backend_decodes_with_unrepeated_kv_heads_and_identical_samples(tmp_path, model):
+    """A CPU backend that loads its own model switches it to grouped-query SDPA (no K/V head copies);
+    samples and log-probs are bit-identical to the model's own sdpa attention."""
+    path = save_tiny_exaone_moe(tmp_path / "tiny", seed=0)
+    loaded = HFRolloutBackend(path, max_batch_size=8)
+    assert loaded.model.config._attn_implementation == GQA_SDPA
+    plain = HFRolloutBackend.from_model(model, max_batch_size=8)  # a model it does not own: left alone
+    assert plain.model.config._attn_implementation == "sdpa"
+    sampling = SamplingConfig(max_new_tokens=10, seed=2, top_p=0.9)
+    a, b = loaded.generate(REQUESTS, sampling), plain.generate(REQUESTS, sampling)
+    assert [(s.token_ids, s.logprobs) for s in a] == [(s.token_ids, s.logprobs) for s in b]

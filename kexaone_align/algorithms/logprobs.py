@@ -43,12 +43,42 @@ def truncation_mask(logp: Tensor, top_p: float = 1.0, top_k: int = -1) -> Tensor
         logp = logp.masked_fill(~keep, float("-inf"))
         logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
     if top_p < 1.0:
-        sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
-        probs = sorted_logp.exp()
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        drop = _nucleus_drop_from_top(logp, top_p)
+        if drop is None:
+            sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
+            probs = sorted_logp.exp()
+            mass_before = torch.cumsum(probs, dim=-1) - probs
+            drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
         keep = ~drop if keep is None else keep & ~drop
     return keep
+
+
+# How many of the most likely tokens the nucleus is first looked for in (see _nucleus_drop_from_top).
+NUCLEUS_PROBE = 64
+
+
+def _nucleus_drop_from_top(logp: Tensor, top_p: float) -> Tensor | None:
+    """The top-p drop mask from the ``NUCLEUS_PROBE`` most likely tokens only, or None when that is not
+    enough to decide it exactly.
+
+    A trained policy's nucleus is a handful of tokens, so sorting the whole vocabulary (most of a decode
+    step's sampling cost) is wasted work. The answer is the full sort's when every row's cut falls inside
+    the probe (its last token is already dropped, so everything below it is too) and no run of tied
+    log-probs straddles a cut (ties are the one place where the order inside the probe could differ from
+    the stable sort's). Otherwise the caller sorts.
+    """
+    k = min(NUCLEUS_PROBE, logp.shape[-1])
+    if k == logp.shape[-1]:
+        return None
+    values, order = torch.topk(logp, k, dim=-1)
+    probs = values.exp()
+    dropped = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    if not bool(dropped[..., -1].all()):
+        return None
+    kept = (~dropped).sum(dim=-1, keepdim=True)  # >= 1: the most likely token always stays
+    if bool((values.gather(-1, kept - 1) == values.gather(-1, kept)).any()):
+        return None
+    return torch.ones_like(logp, dtype=torch.bool).scatter(-1, order, dropped)
 
 
 def _kept_logits(logits: Tensor, targets: Tensor, top_p: float, top_k: int) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from kexaone_align.errors import KexaoneError
+from kexaone_align.models.attention import use_gqa_sdpa
 from kexaone_align.models.loading import load_policy
 from kexaone_align.runtime.rollout.base import (
     RolloutRequest,
@@ -79,6 +80,8 @@ class HFRolloutBackend:
         compact_fraction: float | None = COMPACT_FRACTION,
     ) -> None:
         model = load_policy(model_path, dtype=dtype)
+        if torch.device(device).type == "cpu":
+            use_gqa_sdpa(model)  # its own copy: decode without copying K/V heads (models/attention.py)
         self._setup(model, device=device, max_batch_size=max_batch_size, initial_version=initial_version,
                     compact_fraction=compact_fraction)  # fmt: skip
 
