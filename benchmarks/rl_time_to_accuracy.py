@@ -53,6 +53,13 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "ours": ("ours", []),
     "trl": ("trl", []),
     "ours_overlap": ("ours", ["rollout.max_staleness=1"]),
+    # The step's prompts split over two one-thread rollout workers (half a CPU each to Ray, so that with
+    # the learner they fit on two cores): in synchronous mode the learner idles while they decode.
+    "ours_2rollout": ("ours", ["rollout.num_workers=2", "cluster.cpus_per_actor=0.5"]),
+    "ours_overlap_2rollout": (
+        "ours",
+        ["rollout.max_staleness=1", "rollout.num_workers=2", "cluster.cpus_per_actor=0.5"],
+    ),
 }
 # Quick mode: a few tiny steps, so the whole harness (both systems, evaluation, JSON) runs in about a minute.
 QUICK_OVERRIDES = [
@@ -148,8 +155,9 @@ def child_ours(recipe: Any) -> dict[str, Any]:
         "reward_per_step": [r.get("reward/mean", 0.0) for r in steps],
         "zero_variance_frac_per_step": [r.get("zero_variance_frac", 0.0) for r in steps],
         "process_wall_seconds": wall,
-        "threads": "driver: torch.set_num_threads(max(1, nproc - actors)); rollout and learner actors: "
-        "1 CPU each (Ray sets OMP_NUM_THREADS=1)",
+        "threads": "driver: torch.set_num_threads(max(1, nproc - actors)); "
+        f"{recipe.rollout.num_workers} rollout worker(s) and {recipe.learners.num_learners} learner(s), "
+        f"{recipe.cluster.cpus_per_actor:g} CPU each to Ray (OMP_NUM_THREADS=max(1, that))",
     }
 
 
