@@ -55,6 +55,7 @@ def test_memcpy_bandwidth_is_positive_and_recorded():
         "moe_kernels",
         "rollout_backends",
         "rollout_compaction",
+        "rollout_decode_paths",
         "code_humaneval",
     ],
 )
@@ -69,7 +70,8 @@ def test_committed_results_are_traceable(name):
 
 def test_scripts_show_help():
     scripts = ("logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels",
-               "rollout_backends", "rollout_compaction", "code_humaneval")  # fmt: skip
+               "rollout_backends", "rollout_compaction", "rollout_decode_paths",
+               "code_humaneval")  # fmt: skip
     for script in (f"{name}.py" for name in scripts):
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--out" in out.stdout
@@ -274,3 +276,17 @@ def test_moe_kernels_quick_times_each_kernel_on_identical_logits(tmp_path):
         assert result["max_abs_logit_diff_vs_first"] < 1e-4  # same weights, same function
         assert len(result["train_step_s_runs"]) == 2 and result["train_step_s_median"] > 0
     assert out["results"]["grouped_mm"]["train_speedup_vs_grouped_mm"] == 1.0
+
+
+def test_rollout_decode_paths_quick_checks_identical_samples_and_records_both_paths(tmp_path):
+    """The CPU decode path and the one before it run on one batch; the script refuses different samples."""
+    out = tmp_path / "paths.json"
+    script = str(BENCH / "rollout_decode_paths.py")
+    cmd = [sys.executable, script, "--quick", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["settings"]["attention"] == {"fast": "kexaone_gqa_sdpa", "before": "sdpa"}
+    (row,) = data["rounds"]
+    assert 0 < row["fast"]["tokens"] == row["before"]["tokens"] <= 2 * 4 * 12
+    assert data["fast_over_before"]["ratio_of_medians"] > 0
