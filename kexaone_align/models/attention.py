@@ -3,8 +3,8 @@
 transformers' ``sdpa`` attention copies each K/V head ``num_key_value_groups`` times (``repeat_kv``)
 whenever a mask is passed, because on CUDA a masked GQA call falls back to the slow math kernel. On CPU
 torch's kernel takes ``enable_gqa=True`` with a mask, gives the same numbers, and skips the copy of the
-whole KV cache every layer and every decode step (about 3x faster per call at the tiny recipe's decode
-batch, ``benchmarks/rollout_backends.py``). Masks are built exactly as for ``sdpa``.
+whole KV cache every layer and every decode step (``benchmarks/rollout_decode_paths.py`` measures the
+decode path with and without it). Masks are built exactly as for ``sdpa``.
 """
 
 from __future__ import annotations
