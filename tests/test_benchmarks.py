@@ -244,7 +244,14 @@ def test_overlap_quick_mode_end_to_end(tmp_path):
     assert ratio == pytest.approx(runs["sync"]["seconds_per_step"] / runs["overlap"]["seconds_per_step"])
 
 
-@pytest.mark.parametrize("name", ["rl_time_to_accuracy.json", "rl_time_to_accuracy_sync_2cpus.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rl_time_to_accuracy.json",
+        "rl_time_to_accuracy_sync_2cpus.json",
+        "rl_time_to_accuracy_decode_paths.json",
+    ],
+)
 def test_rl_time_to_accuracy_committed_results_are_traceable(name):
     path = BENCH / "results" / name
     if not path.exists():
