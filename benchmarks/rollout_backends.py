@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine_info, median, write_json
@@ -41,6 +42,22 @@ def tiny_agapo_batch(recipe_path: Path, checkpoint: Path | None, workdir: Path, 
     requests = rl.build_requests(tokenizer, rows, recipe.agapo.group_size, "bench")
     sampling = SamplingConfig.from_recipe(recipe.rollout, stop_token_ids=(), seed=recipe.seed)
     return path, requests, sampling, recipe
+
+
+# A few rows and tokens: the ``--quick`` batch of the rollout scripts that time one AGAPO step.
+QUICK_BATCH_OVERRIDES = ["agapo.prompts_per_step=2", "agapo.group_size=4", "rollout.max_new_tokens=12"]
+
+
+def batch_settings(recipe_path: str, checkpoint: Path, requests: list, sampling: Any) -> dict:
+    """The batch a rollout result JSON was measured on: recipe, checkpoint, samples and sampling."""
+    return {
+        "recipe": recipe_path,
+        "checkpoint": str(checkpoint),
+        "samples": sum(r.num_samples for r in requests),
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+    }
 
 
 def main() -> None:

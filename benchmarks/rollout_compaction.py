@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine_info, median, write_json
-from rollout_backends import tiny_agapo_batch
+from rollout_backends import QUICK_BATCH_OVERRIDES, batch_settings, tiny_agapo_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +63,7 @@ def main() -> None:
     from kexaone_align.runtime.rollout.hf import HFRolloutBackend
 
     torch.set_num_threads(args.threads)
-    overrides = (
-        ["agapo.prompts_per_step=2", "agapo.group_size=4", "rollout.max_new_tokens=12"] if args.quick else []
-    )
+    overrides = QUICK_BATCH_OVERRIDES if args.quick else []
     repeats = 1 if args.quick else args.repeats
     fractions = parse_fractions(args.fractions)
     names = ["none" if f is None else str(f) for f in fractions]
@@ -118,12 +116,7 @@ def main() -> None:
         "command": command_line(),
         "machine": machine_info(),
         "settings": {
-            "recipe": args.recipe,
-            "checkpoint": str(path),
-            "samples": sum(r.num_samples for r in requests),
-            "max_new_tokens": sampling.max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
+            **batch_settings(args.recipe, path, requests, sampling),
             "max_batch_size": recipe.rollout.batch_size,
             "torch_threads": args.threads,
             "request_budgets": budgets or None,

@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine_info, median, write_json
-from rollout_backends import tiny_agapo_batch
+from rollout_backends import QUICK_BATCH_OVERRIDES, batch_settings, tiny_agapo_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("fast", "before")
@@ -55,9 +55,7 @@ def main() -> None:
     from kexaone_align.runtime.rollout.hf import HFRolloutBackend
 
     torch.set_num_threads(args.threads)
-    overrides = (
-        ["agapo.prompts_per_step=2", "agapo.group_size=4", "rollout.max_new_tokens=12"] if args.quick else []
-    )
+    overrides = QUICK_BATCH_OVERRIDES if args.quick else []
     repeats = 1 if args.quick else args.repeats
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     path, requests, sampling, recipe = tiny_agapo_batch(
@@ -108,12 +106,7 @@ def main() -> None:
         "command": command_line(),
         "machine": machine_info(),
         "settings": {
-            "recipe": args.recipe,
-            "checkpoint": str(path),
-            "samples": sum(r.num_samples for r in requests),
-            "max_new_tokens": sampling.max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
+            **batch_settings(args.recipe, path, requests, sampling),
             "max_batch_size": batch,
             "torch_threads": args.threads,
             "nucleus_probe": probe,
