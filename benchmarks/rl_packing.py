@@ -31,15 +31,17 @@ import torch
 from _common import command_line, machine_info, median, write_json
 
 from kexaone_align.algorithms.objectives import agapo_objective
-from kexaone_align.runtime.batching import select_rows, shard_plan, trim_columns
+from kexaone_align.runtime.batching import select_rows, trim_columns
+from kexaone_align.runtime.packed_micro import shard_rows_keeping_prefixes
 from kexaone_align.runtime.rollout.base import RolloutSample
 from kexaone_align.stages import rl
 
-ARMS = {  # name -> (sequence_packing, balance_ranks)
-    "padded_contiguous": (False, False),
-    "padded_balanced": (False, True),
-    "packed_contiguous": (True, False),
-    "packed_balanced": (True, True),
+ARMS = {  # name -> (sequence_packing, balance_ranks, share_prefixes)
+    "padded_contiguous": (False, False, False),
+    "padded_balanced": (False, True, False),
+    "packed_contiguous": (True, False, False),
+    "packed_balanced": (True, True, False),
+    "packed_balanced_shared": (True, True, True),  # each rank computes a prompt once for its responses
 }
 
 
@@ -68,10 +70,15 @@ def make_batch(args: argparse.Namespace, vocab: int) -> dict[str, torch.Tensor]:
     return rl.training_batch(samples, advantages, pad_token_id=0)
 
 
-def run_arm(learner, batch, loss_fn, ranks: int, packing: bool, balance: bool) -> dict[str, float]:
+def run_arm(
+    learner, batch, loss_fn, ranks: int, packing: bool, balance: bool, share: bool
+) -> dict[str, float]:
     """One training step of the whole batch over ``ranks`` shards; the step time is the slowest rank's."""
     learner.config.sequence_packing = packing
-    plan = shard_plan(batch, ranks, balance=balance)
+    learner.config.share_prefixes = share
+    plan = shard_rows_keeping_prefixes(
+        batch, ranks, balance=balance, share_prefixes=share, budget=learner.config.micro_batch_tokens
+    )
     times, computed, real = [], 0.0, 0.0
     for rows in plan:
         shard = trim_columns(select_rows(batch, rows))

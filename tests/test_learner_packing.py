@@ -146,3 +146,46 @@ def test_sequence_packing_in_the_learner_matches_padded(learner):
     assert metrics["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert metrics["learner_tokens"] == float(batch["attention_mask"].sum())
     assert metrics["computed_tokens"] < batch["input_ids"].numel()
+
+
+def grouped_rl_batch():
+    """Two prompts with G=3 responses each, as an RL stage hands them to the learner."""
+    g = torch.Generator().manual_seed(4)
+    ids, masks = [], []
+    for n_prompt, lengths in [(7, (5, 12, 2)), (4, (9, 3, 15))]:
+        prompt = torch.randint(5, 500, (n_prompt,), generator=g).tolist()
+        for n in lengths:
+            ids.append(prompt + torch.randint(5, 500, (n,), generator=g).tolist())
+            masks.append([0] * n_prompt + [1] * n)
+    batch = collate(ids, masks)
+    batch["rollout_logprobs"] = -torch.rand(batch["input_ids"].shape, generator=g) * batch["loss_mask"]
+    batch["advantages"] = torch.randn(len(ids), generator=g)
+    return batch
+
+
+def test_shared_prompts_in_the_learner_match_padded(learner):
+    """``share_prefixes`` (the default with packing under sdpa): each prompt computed once per unit,
+    the same log-probs and AGAPO loss as padded rows, and fewer computed tokens than plain packing."""
+    from kexaone_align.algorithms.agapo import agapo_loss
+
+    batch = grouped_rl_batch()
+    assert learner.policy.config._attn_implementation == "sdpa"
+    padded = learner.forward_logprobs(batch)
+    learner.config.sequence_packing = True
+    try:
+        flat_tokens = sum(m.computed_tokens for m in learner._micro_batches(batch))
+        learner.config.share_prefixes = True
+        shared = learner.forward_logprobs(batch)
+        torch.testing.assert_close(shared, padded, rtol=1e-4, atol=1e-5)
+        mask = batch["loss_mask"]
+        expected = float(agapo_loss(padded, batch["rollout_logprobs"], batch["advantages"], mask, 2.0))
+        learner.config.loss_aggregation = "sequences"
+        metrics = learner.train_step(batch, agapo_loss_fn)
+    finally:
+        learner.config.sequence_packing = False
+        learner.config.loss_aggregation = "tokens"
+        learner.config.share_prefixes = False
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert metrics["learner_tokens"] == float(batch["attention_mask"].sum())  # the rows' tokens, as before
+    # two prompts of 7 and 4 tokens are computed once instead of three times each
+    assert metrics["computed_tokens"] <= flat_tokens - 2 * (7 + 4)

@@ -10,8 +10,8 @@ import torch
 from kexaone_align.algorithms.agapo import agapo_loss
 from kexaone_align.algorithms.grouper import grouper_loss, mean_token_logprob
 from kexaone_align.runtime.batching import collate
-from kexaone_align.runtime.learner import TokenLogprobModel
-from kexaone_align.runtime.packed_micro import make_micros, plan_packed
+from kexaone_align.runtime.learner import TokenLogprobModel, forward_args
+from kexaone_align.runtime.packed_micro import make_micros, plan_packed, shared_prefix_units
 
 SMALL = {
     "hidden_size": 64,
@@ -80,17 +80,38 @@ def grouper_fn(logprobs, micro):
     return grouper_loss(logprobs, micro["advantages"], micro["loss_mask"])
 
 
-def loss_and_grads(model, batch, loss_fn, packing, budget=48):
+def grouped_rl_batch(seed=5):
+    """RL rows as a stage makes them: G responses per prompt (here 3 prompts x G=4), one of them a tool
+    episode whose environment tokens are masked out, so shared prompts have several branches each."""
+    g = torch.Generator().manual_seed(seed)
+    ids, masks, old = [], [], []
+    for n_prompt, responses in [(6, [3, 9, 1, 12]), (3, [7, 7, 2, 5]), (9, [4, 11, 6, 8])]:
+        prompt = torch.randint(5, 500, (n_prompt,), generator=g).tolist()
+        for n_resp in responses:
+            ids.append(prompt + torch.randint(5, 500, (n_resp,), generator=g).tolist())
+            mask = [1] * n_resp
+            if n_resp > 6:
+                mask[3:5] = [0, 0]  # a tool result inside the response: not trained, still attended to
+            masks.append([0] * n_prompt + mask)
+            old.append([0.0] * n_prompt + (-torch.rand(n_resp, generator=g) * 3).tolist())
+    batch = collate(ids, masks, pad_token_id=0)
+    width = batch["input_ids"].shape[1]
+    batch["rollout_logprobs"] = torch.tensor([o + [0.0] * (width - len(o)) for o in old])
+    batch["advantages"] = torch.randn(len(ids), generator=g)
+    return batch
+
+
+def loss_and_grads(model, batch, loss_fn, packing, budget=48, share=False):
     """The learner's accumulation: each micro-batch's per-sequence mean weighted by its share of rows."""
     model.zero_grad()
-    micros = make_micros(batch, budget, packing=packing)
+    micros = make_micros(batch, budget, packing=packing, share_prefixes=share)
     rows = batch["input_ids"].shape[0]
     total = torch.zeros(())
     means = torch.zeros(rows)
     computed = 0
     for m in micros:
         f = m.forward
-        logprobs, _ = model(f["input_ids"], f["attention_mask"], f["loss_mask"], False, f.get("sequence_ids"))
+        logprobs, _ = model(*forward_args(f, False))
         view = m.unpack(logprobs)
         loss = loss_fn(view, m.view) * (m.view["input_ids"].shape[0] / rows)
         loss.backward()
@@ -126,3 +147,65 @@ def test_packing_without_sequence_boundaries_would_differ(model):
     leaky_ids = torch.where(f["sequence_ids"] >= 0, torch.zeros_like(f["sequence_ids"]), f["sequence_ids"])
     leaky, _ = model(f["input_ids"], f["attention_mask"], f["loss_mask"], False, leaky_ids)
     assert not torch.allclose(m.unpack(good), m.unpack(leaky), atol=1e-4)
+
+
+@pytest.mark.parametrize("loss_fn", [agapo_fn, grouper_fn], ids=["agapo", "grouper"])
+@pytest.mark.parametrize("budget", [48, 20], ids=["whole-groups", "groups-split"])
+def test_shared_prefix_loss_and_gradients_equal_padded(model, loss_fn, budget):
+    """Each prompt computed once per unit, yet every response's log-probs and gradients are the padded
+    rows' (sliding window 4 < prompt + response, so windows reach back into the shared prompt)."""
+    batch = grouped_rl_batch()
+    loss_pad, grads_pad, means_pad, _, _ = loss_and_grads(model, batch, loss_fn, False, budget)
+    _, _, _, computed_flat, _ = loss_and_grads(model, batch, loss_fn, True, budget)
+    loss_tree, grads_tree, means_tree, computed_tree, _ = loss_and_grads(
+        model, batch, loss_fn, True, budget, True
+    )
+    assert computed_tree < computed_flat
+    torch.testing.assert_close(loss_tree, loss_pad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(means_tree, means_pad, rtol=1e-5, atol=1e-5)
+    assert grads_tree.keys() == grads_pad.keys() and grads_pad
+    for name, grad in grads_pad.items():
+        torch.testing.assert_close(grads_tree[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_prefix_units_share_only_identical_untrained_prefixes():
+    batch = grouped_rl_batch()
+    units = shared_prefix_units(batch, budget=4096)
+    assert [u.rows for u in units] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
+    assert [u.prefix for u in units] == [6, 3, 9]
+    assert units[0].length == 6 + 3 + 9 + 1 + 12
+    # a changed prompt token, or a trained prompt token, ends the sharing for that row
+    batch["input_ids"][1, 2] += 1
+    batch["loss_mask"][5, 2] = 1
+    rows = [u.rows for u in shared_prefix_units(batch, budget=4096)]
+    assert (1,) in rows and (0, 2, 3) in rows and (4, 6, 7) in rows and (5,) in rows
+    # a budget smaller than a group splits it, every unit keeping the whole prompt
+    split = shared_prefix_units(grouped_rl_batch(), budget=20)
+    assert sorted(i for u in split for i in u.rows) == list(range(12))
+    assert all(u.length <= 20 or len(u.rows) == 1 for u in split)
+    assert len(split) > 3
+
+
+def test_shared_prefix_without_the_prompt_link_would_differ(model):
+    """Predicting a response's first token from the previous row token, not the prompt's last, changes
+    its log-prob (the parent index is what the equality above depends on)."""
+    batch = grouped_rl_batch()
+    (m,) = make_micros(batch, 4096, packing=True, share_prefixes=True)
+    f = dict(m.forward)
+    good = m.unpack(model(*forward_args(f, False))[0])
+    f["parent_index"] = (torch.arange(f["input_ids"].shape[1]) - 1).clamp(min=0).expand_as(f["input_ids"])
+    wrong = m.unpack(model(*forward_args(f, False))[0])
+    assert not torch.allclose(good, wrong, atol=1e-4)
+
+
+def test_ranks_get_whole_prompt_units_when_prompts_are_shared():
+    from kexaone_align.runtime.packed_micro import shard_rows_keeping_prefixes
+
+    batch = grouped_rl_batch()
+    plan = shard_rows_keeping_prefixes(batch, 2, balance=True, share_prefixes=True, budget=4096)
+    assert sorted(i for rows in plan for i in rows) == list(range(12))
+    groups = [set(range(0, 4)), set(range(4, 8)), set(range(8, 12))]
+    assert all(any(g <= set(rows) for rows in plan) for g in groups)  # no prompt split over ranks
+    # more ranks than units: rows are balanced one by one, so no rank idles
+    wide = shard_rows_keeping_prefixes(batch, 4, balance=True, share_prefixes=True, budget=4096)
+    assert all(wide)

@@ -50,6 +50,7 @@ def learner_settings(recipe: Recipe, total_steps: int) -> dict[str, Any]:
         "min_lr_ratio": learn.min_lr_ratio,
         "micro_batch_tokens": learn.micro_batch_tokens,
         "sequence_packing": learn.sequence_packing,
+        "share_prefixes": learn.share_prefixes,
         "balance_ranks": learn.balance_ranks,
         "gradient_checkpointing": bool(recipe.model and recipe.model.gradient_checkpointing),
         "attn_implementation": recipe.model.attn_implementation if recipe.model else None,

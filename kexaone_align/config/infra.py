@@ -274,6 +274,15 @@ class LearnersConfig(Section):
         "computed. Losses still see one sequence per row (per-response means, advantages and the global "
         "normalisation are unchanged). false = consecutive rows right-padded to the longest.",
     )
+    share_prefixes: bool = Field(
+        True,
+        description="With sequence_packing: rows whose tokens before the first trained token are identical "
+        "(the G responses of one prompt) are packed as the prompt once plus one branch per response; each "
+        "response attends to the prompt and itself, with positions continuing after the prompt, so its "
+        "log-probs are those of the unshared row while the prompt is computed once instead of G times. "
+        "Needs sdpa or eager attention (explicit masks); with other kernels the learner warns and packs "
+        "without sharing.",
+    )
     balance_ranks: bool = Field(
         True,
         description="Give rows to the data-parallel learners by tokens (longest first, to the least-loaded "

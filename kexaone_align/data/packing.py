@@ -217,36 +217,79 @@ def block_diagonal_attention_mask(
                 f"block_diagonal_attention_mask: sliding_window must be >= 1, got {sliding_window}"
             )
         allowed = allowed & (idx[None, None, :] > idx[None, :, None] - sliding_window)
-    allowed = allowed.unsqueeze(1)
+    return _as_mask_dtype(allowed.unsqueeze(1), dtype)
+
+
+def tree_attention_mask(
+    sequence_ids: Tensor,
+    branch_ids: Tensor,
+    position_ids: Tensor,
+    *,
+    sliding_window: int | None = None,
+    dtype: torch.dtype = torch.bool,
+) -> Tensor:
+    """``[B, 1, T, T]`` mask for shared-prefix rows (``runtime.packed_micro``): a token sees its own
+    sample's shared prefix (branch 0) and its own branch, at positions up to its own; with
+    ``sliding_window``, only keys fewer than that many *positions* back (the prefix and a branch are not
+    adjacent in the row, so row distance would be wrong). With every ``branch_ids`` 0 this is
+    ``block_diagonal_attention_mask``."""
+    if not sequence_ids.shape == branch_ids.shape == position_ids.shape or sequence_ids.dim() != 2:
+        raise KexaoneError(
+            "tree_attention_mask: sequence_ids, branch_ids and position_ids must all be [B, T], got "
+            f"{tuple(sequence_ids.shape)}, {tuple(branch_ids.shape)}, {tuple(position_ids.shape)}"
+        )
+    query, key = (slice(None), slice(None), None), (slice(None), None, slice(None))
+    allowed = sequence_ids[query] == sequence_ids[key]
+    allowed &= (branch_ids[key] == 0) | (branch_ids[key] == branch_ids[query])
+    distance = position_ids[query] - position_ids[key]
+    allowed &= distance >= 0
+    if sliding_window is not None:
+        allowed &= distance < sliding_window
+    return _as_mask_dtype(allowed.unsqueeze(1), dtype)
+
+
+def _as_mask_dtype(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype == torch.bool:
         return allowed
     if not dtype.is_floating_point:
-        raise KexaoneError(f"block_diagonal_attention_mask: dtype must be bool or floating, got {dtype}")
-    zero = torch.zeros((), dtype=dtype, device=sequence_ids.device)
-    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=sequence_ids.device)
+        raise KexaoneError(f"attention mask dtype must be bool or floating, got {dtype}")
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, blocked)
 
 
 def packed_attention_masks(
-    sequence_ids: Tensor, config: Any, *, dtype: torch.dtype = torch.bool
+    sequence_ids: Tensor,
+    config: Any,
+    *,
+    dtype: torch.dtype = torch.bool,
+    branch_ids: Tensor | None = None,
+    position_ids: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-layer-type masks for ExaoneMoe (``{"full_attention": ..., "sliding_attention": ...}``).
 
     Pass the dict as ``attention_mask=``: the model uses each entry on the layers of that type as is.
-    Use ``dtype=torch.bool`` with ``sdpa`` attention and the model's float dtype with ``eager``.
+    Use ``dtype=torch.bool`` with ``sdpa`` attention and the model's float dtype with ``eager``. With
+    ``branch_ids`` and ``position_ids`` (shared-prefix rows) the masks are ``tree_attention_mask``'s.
     """
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+
+    def mask(window: int | None) -> Tensor:
+        if branch_ids is not None and position_ids is not None:
+            return tree_attention_mask(
+                sequence_ids, branch_ids, position_ids, sliding_window=window, dtype=dtype
+            )
+        return block_diagonal_attention_mask(sequence_ids, sliding_window=window, dtype=dtype)
+
     masks = {}
     for layer_type in layer_types:
         if layer_type == "full_attention":
-            masks[layer_type] = block_diagonal_attention_mask(sequence_ids, dtype=dtype)
+            masks[layer_type] = mask(None)
         elif layer_type == "sliding_attention":
             window = getattr(config, "sliding_window", None)
             if window is None:
                 raise KexaoneError("packed_attention_masks: config has sliding layers but no sliding_window")
-            masks[layer_type] = block_diagonal_attention_mask(
-                sequence_ids, sliding_window=window, dtype=dtype
-            )
+            masks[layer_type] = mask(window)
         else:
             raise KexaoneError(f"packed_attention_masks: no packed mask for layer type {layer_type!r}")
     return masks
@@ -265,9 +308,17 @@ def packed_forward_kwargs(batch: Mapping[str, Tensor], config: Any) -> dict[str,
         "position_ids": batch["position_ids"],
         "use_cache": False,
     }
+    tree = batch.get("branch_ids")
     if impl in ("sdpa", "eager"):
         dtype = torch.bool if impl == "sdpa" else getattr(config, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        kwargs["attention_mask"] = packed_attention_masks(batch["sequence_ids"], config, dtype=dtype)
+        kwargs["attention_mask"] = packed_attention_masks(
+            batch["sequence_ids"], config, dtype=dtype, branch_ids=tree, position_ids=batch["position_ids"]
+        )
+    elif tree is not None:
+        raise KexaoneError(
+            f"shared-prefix rows need explicit attention masks (sdpa or eager attention), not {impl!r}; "
+            "set learners.share_prefixes=false"
+        )
     return kwargs

@@ -19,9 +19,10 @@ from typing import Any
 from torch import Tensor
 
 from kexaone_align.errors import KexaoneError
-from kexaone_align.runtime.batching import select_rows, shard_plan, trim_columns
+from kexaone_align.runtime.batching import select_rows, trim_columns
 from kexaone_align.runtime.learner import LearnerConfig, LossFn, learner_actor_class
 from kexaone_align.runtime.metric_reduce import combine
+from kexaone_align.runtime.packed_micro import shard_rows_keeping_prefixes
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -122,7 +123,7 @@ class LearnerGroup:
         import ray
         import torch
 
-        plan = shard_plan(batch, self.num_learners, balance=self.config.balance_ranks)
+        plan = self._shard_plan(batch)
         shards = [select_rows(batch, rows) for rows in plan]
         parts = ray.get([a.forward_logprobs.remote(s) for a, s in zip(self.actors, shards, strict=True)])
         out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
@@ -132,8 +133,15 @@ class LearnerGroup:
 
     def _shards(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
         """Each rank's rows (token-balanced with ``balance_ranks``), cut to the columns they use."""
-        plan = shard_plan(batch, self.num_learners, balance=self.config.balance_ranks)
+        plan = self._shard_plan(batch)
         return [trim_columns(select_rows(batch, rows)) for rows in plan]
+
+    def _shard_plan(self, batch: dict[str, Tensor]) -> list[list[int]]:
+        cfg = self.config
+        return shard_rows_keeping_prefixes(
+            batch, self.num_learners, balance=cfg.balance_ranks, budget=cfg.micro_batch_tokens,
+            share_prefixes=cfg.sequence_packing and cfg.share_prefixes,
+        )  # fmt: skip
 
     def state_dict_stream(self, bucket_bytes: int = 1 << 28) -> Iterator[list[tuple[str, Tensor]]]:
         """Full parameters bucket by bucket from rank 0; under ZeRO-3 the other ranks join each gather in

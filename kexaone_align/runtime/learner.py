@@ -27,14 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kexaone_align.algorithms.logprobs import chunked_token_logprobs
 from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import validate_batch
 from kexaone_align.runtime.learner_weights import LearnerWeightsMixin, param_numel
 from kexaone_align.runtime.lr_schedules import SCHEDULES, lr_multiplier_fn
 from kexaone_align.runtime.metric_reduce import MetricAccumulator
 from kexaone_align.runtime.packed_micro import Micro, make_micros
+from kexaone_align.runtime.token_logprobs import TokenLogprobModel, forward_args
 from kexaone_align.runtime.weight_wire import free_port
+
+logger = logging.getLogger(__name__)
 
 if not torch.cuda.is_available():  # DeepSpeed reads this when it first picks an accelerator
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -62,6 +64,7 @@ class LearnerConfig:
     min_lr_ratio: float = 0.0
     micro_batch_tokens: int = 4096  # computed tokens per micro-batch (forward + backward), padding included
     sequence_packing: bool = False  # micro-batches of packed rows (runtime.packed_micro), else padded rows
+    share_prefixes: bool = False  # packed rows: rows with the same prompt share one copy of it (sdpa / eager)
     balance_ranks: bool = False  # LearnerGroup: rows to ranks by tokens (longest first), else contiguous
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # transformers kernels; None = transformers' defaults
@@ -171,92 +174,6 @@ def mark_moe_blocks_as_zero3_leaves(policy: nn.Module) -> None:
         set_z3_leaf_modules(policy, list(classes))
 
 
-class TokenLogprobModel(nn.Module):
-    """Wraps the causal LM so one forward gives per-token log-probs ``[N, T]`` (and the MoE aux loss).
-
-    ``out[i, t] = log p(input_ids[i, t] | input_ids[i, :t])`` where ``target_mask[i, t]`` is set, else 0
-    (column 0 has no prediction). Only the selected positions go through the LM head, in chunks,
-    so the full ``[tokens, vocab]`` logits never exist. Under ZeRO-3 the LM-head weight is used
-    outside ``lm_head.forward``, so it is registered as an external parameter of this module.
-    """
-
-    def __init__(
-        self,
-        policy: nn.Module,
-        *,
-        chunk_size: int,
-        zero3: bool,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = -1,
-    ) -> None:
-        super().__init__()
-        self.policy = policy
-        self.chunk_size = chunk_size
-        self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-        if zero3:
-            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-            register_external_parameter(self, policy.lm_head.weight)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        target_mask: Tensor,
-        with_aux: bool = False,
-        sequence_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        if sequence_ids is None:
-            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        else:  # packed rows (data.packing): positions restart and attention stays inside each sample
-            inputs = _packed_inputs(input_ids, sequence_ids, self.policy.config)
-        out = self.policy.model(**inputs, use_cache=False, output_router_logits=with_aux)
-        hidden = out.last_hidden_state
-        select = target_mask[:, 1:].bool()
-        picked = chunked_token_logprobs(
-            hidden[:, :-1][select],
-            self.policy.lm_head.weight,
-            input_ids[:, 1:][select],
-            chunk_size=self.chunk_size,
-            **self.sampling,
-        )
-        shifted = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
-            select, picked.float()
-        )
-        logprobs = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)
-        aux = None
-        if with_aux:
-            aux = self._aux_loss(out.router_logits, attention_mask)
-        return logprobs, aux
-
-    def _aux_loss(self, router_logits: tuple[Tensor, ...] | None, attention_mask: Tensor) -> Tensor:
-        """Switch-style load-balancing loss over the MoE layers (transformers' Mixtral formulation)."""
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-        if not router_logits:
-            raise KexaoneError("aux_loss_coef > 0 but the model returned no router logits (is it an MoE?)")
-        cfg = self.policy.config
-        return load_balancing_loss_func(
-            tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask
-        )
-
-
-def _packed_inputs(input_ids: Tensor, sequence_ids: Tensor, config: Any) -> dict[str, Any]:
-    """Model inputs for packed rows: per-sample positions (from ``sequence_ids``) and leak-free masks."""
-    from kexaone_align.data.packing import packed_forward_kwargs
-
-    index = torch.arange(sequence_ids.shape[1], device=sequence_ids.device).expand_as(sequence_ids)
-    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
-    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    batch = {"input_ids": input_ids, "position_ids": index - first, "sequence_ids": sequence_ids}
-    kwargs = packed_forward_kwargs(batch, config)
-    kwargs.pop("use_cache", None)
-    return kwargs
-
-
 def _to_float(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, Tensor) else float(value)
 
@@ -273,6 +190,7 @@ class Learner(LearnerWeightsMixin):
         self.world_size = 1
         self.steps = 0
         self.frozen_parameters: list[str] = []
+        self._explicit_masks = False  # set in setup: the attention takes explicit masks (share_prefixes)
         self.last_export: dict[str, Any] = {}
         self._sender: Any = None  # weight_sync.BroadcastSender, once rank 0 joined the side group
 
@@ -314,6 +232,12 @@ class Learner(LearnerWeightsMixin):
         if cfg.zero_stage == 3:
             mark_moe_blocks_as_zero3_leaves(policy)
         self.policy = policy
+        impl = getattr(policy.config, "_attn_implementation", None) or "eager"
+        self._explicit_masks = impl in ("sdpa", "eager")
+        if cfg.sequence_packing and cfg.share_prefixes and not self._explicit_masks:
+            logger.warning(
+                "learners.share_prefixes needs sdpa or eager attention, not %r: prompts not shared", impl
+            )
         module = TokenLogprobModel(
             policy, chunk_size=cfg.logprob_chunk_size, zero3=cfg.zero_stage == 3,
             temperature=cfg.logprob_temperature, top_p=cfg.logprob_top_p, top_k=cfg.logprob_top_k,
@@ -332,7 +256,10 @@ class Learner(LearnerWeightsMixin):
         self.device = self.engine.device
         trainable = sum(param_numel(p) for p in policy.parameters() if p.requires_grad)
         total = sum(param_numel(p) for p in policy.parameters())
-        return {"rank": rank, "world_size": world_size, "trainable_params": trainable, "total_params": total}
+        return {
+            "rank": rank, "world_size": world_size, "trainable_params": trainable, "total_params": total,
+            "share_prefixes": cfg.sequence_packing and cfg.share_prefixes and self._explicit_masks,
+        }  # fmt: skip
 
     def _init_distributed(self, rank: int, world_size: int, addr: str, port: int) -> None:
         import deepspeed
@@ -437,17 +364,14 @@ class Learner(LearnerWeightsMixin):
         batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         pad = int(getattr(self.policy.config, "pad_token_id", 0) or 0)
         cfg = self.config
-        return make_micros(batch, cfg.micro_batch_tokens, packing=cfg.sequence_packing, pad_token_id=pad)
+        return make_micros(
+            batch, cfg.micro_batch_tokens, packing=cfg.sequence_packing, pad_token_id=pad,
+            share_prefixes=cfg.share_prefixes and self._explicit_masks,
+        )  # fmt: skip
 
     def _forward(self, inputs: dict[str, Tensor], with_aux: bool) -> tuple[Tensor, Tensor | None]:
         engine = self._require_engine()
-        return engine(
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs["loss_mask"],
-            with_aux,
-            inputs.get("sequence_ids"),
-        )
+        return engine(*forward_args(inputs, with_aux))
 
     def train_step(self, batch: dict[str, Tensor], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this rank's rows; every rank of the group must call it together.

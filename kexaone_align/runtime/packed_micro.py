@@ -12,6 +12,14 @@ The loss never sees the packed layout. ``Micro.unpack`` gathers the packed log-p
 micro-batch's padded ``[sequences, width]`` view (a differentiable index), and the loss function gets
 that view, as without packing. Per-response means (AGAPO's ``1/|o_i|``, GROUPER's mean log-prob), the
 per-sequence advantages and the learner's global loss weights are therefore exactly what they were.
+
+**Shared prefixes** (``share_prefixes``): the G responses of one prompt repeat that prompt G times.
+Rows whose tokens before their first trained token are identical form one *unit*: the prefix once,
+then each row's remainder as a branch. Positions continue after the prefix in every branch, a branch
+token attends to the prefix and, causally, to its own branch (``data.packing.tree_attention_masks``,
+sliding windows by position), and each branch's first token is predicted from the prefix's last
+hidden state (``parent_index``), so every view token gets the log-prob it would get alone. A unit
+longer than the budget is split into several, each with its own copy of the prefix.
 """
 
 from __future__ import annotations
@@ -23,7 +31,15 @@ import torch
 from torch import Tensor
 
 from kexaone_align.data.packing import PAD_SEQUENCE_ID
-from kexaone_align.runtime.batching import MicroBatch, plan_micro_batches, take
+from kexaone_align.runtime.batching import (
+    MicroBatch,
+    balanced_shard_rows,
+    plan_micro_batches,
+    shard_plan,
+    take,
+)
+
+TREE_KEYS = ("position_ids", "branch_ids", "parent_index")  # forward keys of shared-prefix micro-batches
 
 
 @dataclass
@@ -97,8 +113,16 @@ def padded_micros(batch: dict[str, Tensor], budget: int) -> list[Micro]:
     return out
 
 
-def packed_micros(batch: dict[str, Tensor], budget: int, *, pad_token_id: int = 0) -> list[Micro]:
-    """Micro-batches of packed rows (see the module docstring), each with its padded view for the loss."""
+def packed_micros(
+    batch: dict[str, Tensor], budget: int, *, pad_token_id: int = 0, share_prefixes: bool = False
+) -> list[Micro]:
+    """Micro-batches of packed rows (see the module docstring), each with its padded view for the loss.
+
+    ``share_prefixes`` lays rows with a common untrained prefix out as one unit (module docstring);
+    a batch that already carries ``sequence_ids`` (packed SFT rows) is packed without sharing.
+    """
+    if share_prefixes and "sequence_ids" not in batch:
+        return _shared_prefix_micros(batch, budget, pad_token_id)
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
     out = []
@@ -153,10 +177,149 @@ def _pack(
     return Micro(view=view, forward=forward, plan=plan, flat_index=flat_index, valid=valid)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """Rows (batch indices) sharing their first ``prefix`` real tokens, laid out as prefix + branches."""
+
+    rows: tuple[int, ...]
+    prefix: int
+    length: int  # tokens the unit occupies: prefix + every row's remainder
+
+
+def shared_prefix_units(batch: dict[str, Tensor], budget: int) -> list[Unit]:
+    """Group rows by their tokens before the first trained token; split groups to fit ``budget``.
+
+    Only an exact token match is shared, and never a trained token, so a row's log-probs cannot change.
+    A row with nothing before its first trained token (or nothing trained) shares only if it has a
+    prefix; rows are taken in batch order and a unit's rows keep that order (deterministic).
+    """
+    valid = batch["attention_mask"].bool()
+    trained = batch["loss_mask"].bool() & valid
+    groups: dict[tuple[int, ...], list[int]] = {}
+    lengths, prefixes = [], []
+    alone: list[int] = []
+    for i in range(valid.shape[0]):
+        cols = valid[i].nonzero().flatten()
+        hits = trained[i, cols].nonzero().flatten()
+        n = int(hits[0]) if hits.numel() else int(cols.numel())
+        lengths.append(int(cols.numel()))
+        prefixes.append(n)
+        if n == 0:
+            alone.append(i)
+        else:
+            groups.setdefault(tuple(batch["input_ids"][i, cols[:n]].tolist()), []).append(i)
+    units = [Unit((i,), 0, lengths[i]) for i in alone]
+    for members in groups.values():
+        n = prefixes[members[0]]
+        current: list[int] = []
+        size = n
+        for i in members:
+            extra = lengths[i] - n
+            if current and size + extra > budget:
+                units.append(Unit(tuple(current), n, size))
+                current, size = [], n
+            current.append(i)
+            size += extra
+        units.append(Unit(tuple(current), n, size))
+    return sorted(units, key=lambda u: u.rows[0])
+
+
+def shard_rows_keeping_prefixes(
+    batch: dict[str, Tensor], num_shards: int, *, balance: bool, share_prefixes: bool, budget: int
+) -> list[list[int]]:
+    """Each data-parallel rank's rows. With ``balance`` and ``share_prefixes`` whole units (a prompt and
+    up to a micro-batch of its responses, ``shared_prefix_units``) go to ranks by the tokens they will
+    compute, so a prompt is not split over ranks and computed on each; otherwise (or with fewer units
+    than ranks, where some rank would idle) ``shard_plan``."""
+    if not (balance and share_prefixes) or "sequence_ids" in batch or num_shards == 1:
+        return shard_plan(batch, num_shards, balance=balance)
+    units = shared_prefix_units(batch, budget)
+    if len(units) < num_shards:
+        return shard_plan(batch, num_shards, balance=balance)
+    placed = balanced_shard_rows([u.length for u in units], num_shards)
+    return [sorted(i for u in rank for i in units[u].rows) for rank in placed]
+
+
+def _shared_prefix_micros(batch: dict[str, Tensor], budget: int, pad_token_id: int) -> list[Micro]:
+    units = shared_prefix_units(batch, budget)
+    mask = batch["attention_mask"].bool()
+    out = []
+    for rows in plan_packed([u.length for u in units], budget):
+        members = sorted(i for row in rows for u in row for i in units[u].rows)
+        used = mask[members].any(dim=0).nonzero().flatten()
+        start, stop = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 1)
+        plan = MicroBatch(tuple(members), start, stop)
+        out.append(_pack_units(batch, plan, [[units[u] for u in row] for row in rows], pad_token_id))
+    return out
+
+
+def _pack_units(
+    batch: dict[str, Tensor], plan: MicroBatch, rows: list[list[Unit]], pad_token_id: int
+) -> Micro:
+    view = take(batch, plan)
+    device = view["input_ids"].device
+    width = max(1, max(sum(u.length for u in row) for row in rows))
+    total = len(rows) * width
+    valid = view["attention_mask"].bool()
+    flat_index = torch.zeros(valid.shape, dtype=torch.long, device=device)
+    position = {i: k for k, i in enumerate(plan.rows)}
+    ids = torch.full((total,), pad_token_id, dtype=view["input_ids"].dtype, device=device)
+    seq = torch.full((total,), PAD_SEQUENCE_ID, dtype=torch.long, device=device)
+    branch = torch.zeros(total, dtype=torch.long, device=device)
+    pos = torch.zeros(total, dtype=torch.long, device=device)
+    parent = torch.arange(total, device=device)  # itself: no predecessor (never a target)
+    targets = torch.zeros(total, dtype=view["loss_mask"].dtype, device=device)
+    unit_id = 0
+    for r, row in enumerate(rows):
+        cursor = r * width
+        for unit in row:
+            n = unit.prefix
+            first = position[unit.rows[0]]
+            head = valid[first].nonzero().flatten()[:n]
+            prefix = torch.arange(cursor, cursor + n, device=device)
+            ids[prefix] = view["input_ids"][first, head]
+            seq[prefix] = unit_id
+            pos[prefix] = torch.arange(n, device=device)
+            parent[prefix[1:]] = prefix[:-1]
+            cursor += n
+            for b, i in enumerate(unit.rows, start=1):
+                k = position[i]
+                cols = valid[k].nonzero().flatten()
+                span = torch.arange(cursor, cursor + cols.numel() - n, device=device)
+                flat_index[k, cols[:n]] = prefix
+                flat_index[k, cols[n:]] = span
+                ids[span] = view["input_ids"][k, cols[n:]]
+                seq[span], branch[span] = unit_id, b
+                pos[span] = torch.arange(n, cols.numel(), device=device)
+                parent[span[1:]] = span[:-1]
+                if n and span.numel():
+                    parent[span[0]] = prefix[-1]
+                targets[span] = view["loss_mask"][k, cols[n:]]
+                cursor += span.numel()
+            unit_id += 1
+    targets = targets.masked_fill(parent == torch.arange(total, device=device), 0)
+    forward = {
+        "input_ids": ids,
+        "attention_mask": (seq >= 0).long(),
+        "loss_mask": targets,
+        "sequence_ids": seq,
+        "position_ids": pos,
+        "branch_ids": branch,
+        "parent_index": parent - torch.arange(len(rows), device=device).repeat_interleave(width) * width,
+    }
+    forward = {key: t.view(len(rows), width) for key, t in forward.items()}
+    return Micro(view=view, forward=forward, plan=plan, flat_index=flat_index, valid=valid)
+
+
 def make_micros(
-    batch: dict[str, Tensor], budget: int, *, packing: bool, pad_token_id: int = 0
+    batch: dict[str, Tensor],
+    budget: int,
+    *,
+    packing: bool,
+    pad_token_id: int = 0,
+    share_prefixes: bool = False,
 ) -> list[Micro]:
-    """The micro-batches of one rank's batch, packed or padded."""
+    """The micro-batches of one rank's batch: packed (prompts shared if asked) or padded."""
     if packing:
-        return packed_micros(batch, budget, pad_token_id=pad_token_id)
+        return packed_micros(batch, budget, pad_token_id=pad_token_id, share_prefixes=share_prefixes)
     return padded_micros(batch, budget)
