@@ -77,8 +77,9 @@ def run_arm(
     learner.config.sequence_packing = packing
     learner.config.share_prefixes = share
     plan = shard_rows_keeping_prefixes(
-        batch, ranks, balance=balance, share_prefixes=share, budget=learner.config.micro_batch_tokens
-    )
+        batch, ranks, balance=balance, share_prefixes=share, budget=learner.config.micro_batch_tokens,
+        cost_width=learner.attention_cost_width,
+    )  # fmt: skip
     times, computed, real = [], 0.0, 0.0
     for rows in plan:
         shard = trim_columns(select_rows(batch, rows))

@@ -170,20 +170,27 @@ def test_shared_prefix_loss_and_gradients_equal_padded(model, loss_fn, budget):
 
 def test_shared_prefix_units_share_only_identical_untrained_prefixes():
     batch = grouped_rl_batch()
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
     units = shared_prefix_units(batch, budget=4096)
-    assert [u.rows for u in units] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
-    assert [u.prefix for u in units] == [6, 3, 9]
-    assert units[0].length == 6 + 3 + 9 + 1 + 12
+    assert sorted(i for u in units for i in u.rows) == list(range(12))
+    groups = [range(0, 4), range(4, 8), range(8, 12)]
+    for unit in units:
+        (group,) = [g for g in groups if unit.rows[0] in g]
+        assert set(unit.rows) <= set(group) and unit.prefix == [6, 3, 9][groups.index(group)]
+        assert unit.length == unit.prefix + sum(lengths[i] - unit.prefix for i in unit.rows)
+        assert unit.length <= 4096
+    assert len(units) < 12 and any(len(u.rows) > 1 for u in units)
+    assert units == shared_prefix_units(batch, budget=4096)  # deterministic
     # a changed prompt token, or a trained prompt token, ends the sharing for that row
     batch["input_ids"][1, 2] += 1
     batch["loss_mask"][5, 2] = 1
     rows = [u.rows for u in shared_prefix_units(batch, budget=4096)]
-    assert (1,) in rows and (0, 2, 3) in rows and (4, 6, 7) in rows and (5,) in rows
-    # a budget smaller than a group splits it, every unit keeping the whole prompt
-    split = shared_prefix_units(grouped_rl_batch(), budget=20)
+    assert (1,) in rows and (5,) in rows
+    assert not any(1 in r and len(r) > 1 for r in rows) and not any(5 in r and len(r) > 1 for r in rows)
+    # the budget caps a unit too, every unit keeping the whole prompt
+    split = shared_prefix_units(grouped_rl_batch(), budget=12)
     assert sorted(i for u in split for i in u.rows) == list(range(12))
-    assert all(u.length <= 20 or len(u.rows) == 1 for u in split)
-    assert len(split) > 3
+    assert all(u.length <= 12 or len(u.rows) == 1 for u in split)
 
 
 def test_shared_prefix_without_the_prompt_link_would_differ(model):
@@ -204,8 +211,8 @@ def test_ranks_get_whole_prompt_units_when_prompts_are_shared():
     batch = grouped_rl_batch()
     plan = shard_rows_keeping_prefixes(batch, 2, balance=True, share_prefixes=True, budget=4096)
     assert sorted(i for rows in plan for i in rows) == list(range(12))
-    groups = [set(range(0, 4)), set(range(4, 8)), set(range(8, 12))]
-    assert all(any(g <= set(rows) for rows in plan) for g in groups)  # no prompt split over ranks
+    units = shared_prefix_units(batch, 4096)
+    assert all(any(set(u.rows) <= set(rows) for rows in plan) for u in units)  # no unit split over ranks
     # more ranks than units: rows are balanced one by one, so no rank idles
     wide = shard_rows_keeping_prefixes(batch, 4, balance=True, share_prefixes=True, budget=4096)
     assert all(wide)

@@ -22,7 +22,7 @@ from kexaone_align.errors import KexaoneError
 from kexaone_align.runtime.batching import select_rows, trim_columns
 from kexaone_align.runtime.learner import LearnerConfig, LossFn, learner_actor_class
 from kexaone_align.runtime.metric_reduce import combine
-from kexaone_align.runtime.packed_micro import shard_rows_keeping_prefixes
+from kexaone_align.runtime.packed_micro import DEFAULT_COST_WIDTH, shard_rows_keeping_prefixes
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -76,6 +76,7 @@ class LearnerGroup:
         self.placement_group = placement_group
         self.config = config
         self.nodes = nodes  # node_info() of each rank: node_id, ip, ...
+        self.attention_cost_width = DEFAULT_COST_WIDTH  # the model's, once the learners are set up
 
     @property
     def num_learners(self) -> int:
@@ -140,7 +141,7 @@ class LearnerGroup:
         cfg = self.config
         return shard_rows_keeping_prefixes(
             batch, self.num_learners, balance=cfg.balance_ranks, budget=cfg.micro_batch_tokens,
-            share_prefixes=cfg.sequence_packing and cfg.share_prefixes,
+            share_prefixes=cfg.sequence_packing and cfg.share_prefixes, cost_width=self.attention_cost_width,
         )  # fmt: skip
 
     def state_dict_stream(self, bucket_bytes: int = 1 << 28) -> Iterator[list[tuple[str, Tensor]]]:
@@ -254,7 +255,7 @@ def create_learner_group(
     nodes = ray.get([a.node_info.remote() for a in actors])
     master = nodes[0]
     try:
-        ray.get(
+        summaries = ray.get(
             [
                 a.setup.remote(rank, num_learners, master["ip"], master["port"])
                 for rank, a in enumerate(actors)
@@ -267,4 +268,6 @@ def create_learner_group(
 
         remove_placement_group(pg)
         raise
-    return LearnerGroup(actors, pg, config, nodes)
+    group = LearnerGroup(actors, pg, config, nodes)
+    group.attention_cost_width = int(summaries[0].get("attention_cost_width", DEFAULT_COST_WIDTH))
+    return group

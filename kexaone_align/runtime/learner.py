@@ -32,7 +32,7 @@ from kexaone_align.runtime.batching import validate_batch
 from kexaone_align.runtime.learner_weights import LearnerWeightsMixin, param_numel
 from kexaone_align.runtime.lr_schedules import SCHEDULES, lr_multiplier_fn
 from kexaone_align.runtime.metric_reduce import MetricAccumulator
-from kexaone_align.runtime.packed_micro import Micro, make_micros
+from kexaone_align.runtime.packed_micro import DEFAULT_COST_WIDTH, Micro, attention_cost_width, make_micros
 from kexaone_align.runtime.token_logprobs import TokenLogprobModel, forward_args
 from kexaone_align.runtime.weight_wire import free_port
 
@@ -191,6 +191,7 @@ class Learner(LearnerWeightsMixin):
         self.steps = 0
         self.frozen_parameters: list[str] = []
         self._explicit_masks = False  # set in setup: the attention takes explicit masks (share_prefixes)
+        self.attention_cost_width = DEFAULT_COST_WIDTH  # set in setup from the model (shared_prefix_units)
         self.last_export: dict[str, Any] = {}
         self._sender: Any = None  # weight_sync.BroadcastSender, once rank 0 joined the side group
 
@@ -234,6 +235,7 @@ class Learner(LearnerWeightsMixin):
         self.policy = policy
         impl = getattr(policy.config, "_attn_implementation", None) or "eager"
         self._explicit_masks = impl in ("sdpa", "eager")
+        self.attention_cost_width = attention_cost_width(policy.config)
         if cfg.sequence_packing and cfg.share_prefixes and not self._explicit_masks:
             logger.warning(
                 "learners.share_prefixes needs sdpa or eager attention, not %r: prompts not shared", impl
@@ -259,6 +261,7 @@ class Learner(LearnerWeightsMixin):
         return {
             "rank": rank, "world_size": world_size, "trainable_params": trainable, "total_params": total,
             "share_prefixes": cfg.sequence_packing and cfg.share_prefixes and self._explicit_masks,
+            "attention_cost_width": self.attention_cost_width,
         }  # fmt: skip
 
     def _init_distributed(self, rank: int, world_size: int, addr: str, port: int) -> None:
@@ -366,7 +369,7 @@ class Learner(LearnerWeightsMixin):
         cfg = self.config
         return make_micros(
             batch, cfg.micro_batch_tokens, packing=cfg.sequence_packing, pad_token_id=pad,
-            share_prefixes=cfg.share_prefixes and self._explicit_masks,
+            share_prefixes=cfg.share_prefixes and self._explicit_masks, cost_width=self.attention_cost_width,
         )  # fmt: skip
 
     def _forward(self, inputs: dict[str, Tensor], with_aux: bool) -> tuple[Tensor, Tensor | None]:

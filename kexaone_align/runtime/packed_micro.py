@@ -18,14 +18,16 @@ Rows whose tokens before their first trained token are identical form one *unit*
 then each row's remainder as a branch. Positions continue after the prefix in every branch, a branch
 token attends to the prefix and, causally, to its own branch (``data.packing.tree_attention_masks``,
 sliding windows by position), and each branch's first token is predicted from the prefix's last
-hidden state (``parent_index``), so every view token gets the log-prob it would get alone. A unit
-longer than the budget is split into several, each with its own copy of the prefix.
+hidden state (``parent_index``), so every view token gets the log-prob it would get alone. A group is
+split into units, each with its own copy of the prefix, at the width an estimate of attention's cost
+favours (``shared_prefix_units``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +42,7 @@ from kexaone_align.runtime.batching import (
 )
 
 TREE_KEYS = ("position_ids", "branch_ids", "parent_index")  # forward keys of shared-prefix micro-batches
+DEFAULT_COST_WIDTH = 1024  # attention_cost_width of a model with no config at hand (the driver's rank plan)
 
 
 @dataclass
@@ -114,7 +117,12 @@ def padded_micros(batch: dict[str, Tensor], budget: int) -> list[Micro]:
 
 
 def packed_micros(
-    batch: dict[str, Tensor], budget: int, *, pad_token_id: int = 0, share_prefixes: bool = False
+    batch: dict[str, Tensor],
+    budget: int,
+    *,
+    pad_token_id: int = 0,
+    share_prefixes: bool = False,
+    cost_width: int = DEFAULT_COST_WIDTH,
 ) -> list[Micro]:
     """Micro-batches of packed rows (see the module docstring), each with its padded view for the loss.
 
@@ -122,7 +130,7 @@ def packed_micros(
     a batch that already carries ``sequence_ids`` (packed SFT rows) is packed without sharing.
     """
     if share_prefixes and "sequence_ids" not in batch:
-        return _shared_prefix_micros(batch, budget, pad_token_id)
+        return _shared_prefix_micros(batch, budget, pad_token_id, cost_width)
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
     out = []
@@ -186,12 +194,58 @@ class Unit:
     length: int  # tokens the unit occupies: prefix + every row's remainder
 
 
-def shared_prefix_units(batch: dict[str, Tensor], budget: int) -> list[Unit]:
-    """Group rows by their tokens before the first trained token; split groups to fit ``budget``.
+UNIT_WIDTHS = (1, 2, 4, 8)  # candidate unit widths, in multiples of the group's longest row
+
+
+def attention_cost_width(config: Any) -> int:
+    """The row width at which a token's attention costs as much as the rest of its layer.
+
+    Under a dense mask each token's attention runs QK and PV over its whole packed row (2 x heads x
+    head_dim multiply-adds per row position), while its projections and (active) MLP cost a fixed
+    amount; their ratio is this width. ``shared_prefix_units`` uses it to judge whether sharing a
+    prompt over more responses (fewer tokens) is worth the wider rows (more attention per token).
+    """
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    projections = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    if getattr(config, "num_experts", None):
+        active = int(config.num_experts_per_tok) + int(getattr(config, "num_shared_experts", 0) or 0)
+        mlp = 3 * hidden * int(config.moe_intermediate_size) * active
+    else:
+        mlp = 3 * hidden * int(config.intermediate_size)
+    return max(1, round((projections + mlp) / (2 * heads * head_dim)))
+
+
+def _bin_group(members: list[int], lengths: list[int], prefix: int, cap: int) -> list[Unit]:
+    """A group's rows into units of at most ``cap`` tokens: first fit, longest row first."""
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    for i in sorted(members, key=lambda i: (-lengths[i], i)):
+        extra = lengths[i] - prefix
+        slot = next((b for b, size in enumerate(sizes) if size + extra <= cap), None)
+        if slot is None:
+            bins.append([])
+            sizes.append(prefix)
+            slot = len(bins) - 1
+        bins[slot].append(i)
+        sizes[slot] += extra
+    return [Unit(tuple(sorted(rows)), prefix, size) for rows, size in zip(bins, sizes, strict=True)]
+
+
+def shared_prefix_units(
+    batch: dict[str, Tensor], budget: int, cost_width: int = DEFAULT_COST_WIDTH
+) -> list[Unit]:
+    """Group rows by their tokens before the first trained token, then split each group into units.
 
     Only an exact token match is shared, and never a trained token, so a row's log-probs cannot change.
-    A row with nothing before its first trained token (or nothing trained) shares only if it has a
-    prefix; rows are taken in batch order and a unit's rows keep that order (deterministic).
+    Each group is split (``_bin_group``) at the width, among 1, 2, 4 and 8 times its longest row (at
+    most ``budget``) or one row per unit, with the least estimated cost: a unit of ``L`` tokens costs
+    ``L * (cost_width + L)`` (layer work per token, plus attention over a row about that wide; see
+    ``attention_cost_width``). Short prompts with long answers then stay one row per unit, while long
+    prompts with short answers share over many. Deterministic; units come out by their first row and
+    list their rows in batch order.
     """
     valid = batch["attention_mask"].bool()
     trained = batch["loss_mask"].bool() & valid
@@ -211,21 +265,21 @@ def shared_prefix_units(batch: dict[str, Tensor], budget: int) -> list[Unit]:
     units = [Unit((i,), 0, lengths[i]) for i in alone]
     for members in groups.values():
         n = prefixes[members[0]]
-        current: list[int] = []
-        size = n
-        for i in members:
-            extra = lengths[i] - n
-            if current and size + extra > budget:
-                units.append(Unit(tuple(current), n, size))
-                current, size = [], n
-            current.append(i)
-            size += extra
-        units.append(Unit(tuple(current), n, size))
+        longest = max(lengths[i] for i in members)
+        options = [[Unit((i,), n, lengths[i]) for i in members]]
+        options += [_bin_group(members, lengths, n, min(budget, f * longest)) for f in UNIT_WIDTHS]
+        units.extend(min(options, key=lambda us: sum(u.length * (cost_width + u.length) for u in us)))
     return sorted(units, key=lambda u: u.rows[0])
 
 
 def shard_rows_keeping_prefixes(
-    batch: dict[str, Tensor], num_shards: int, *, balance: bool, share_prefixes: bool, budget: int
+    batch: dict[str, Tensor],
+    num_shards: int,
+    *,
+    balance: bool,
+    share_prefixes: bool,
+    budget: int,
+    cost_width: int = DEFAULT_COST_WIDTH,
 ) -> list[list[int]]:
     """Each data-parallel rank's rows. With ``balance`` and ``share_prefixes`` whole units (a prompt and
     up to a micro-batch of its responses, ``shared_prefix_units``) go to ranks by the tokens they will
@@ -233,15 +287,17 @@ def shard_rows_keeping_prefixes(
     than ranks, where some rank would idle) ``shard_plan``."""
     if not (balance and share_prefixes) or "sequence_ids" in batch or num_shards == 1:
         return shard_plan(batch, num_shards, balance=balance)
-    units = shared_prefix_units(batch, budget)
+    units = shared_prefix_units(batch, budget, cost_width)
     if len(units) < num_shards:
         return shard_plan(batch, num_shards, balance=balance)
     placed = balanced_shard_rows([u.length for u in units], num_shards)
     return [sorted(i for u in rank for i in units[u].rows) for rank in placed]
 
 
-def _shared_prefix_micros(batch: dict[str, Tensor], budget: int, pad_token_id: int) -> list[Micro]:
-    units = shared_prefix_units(batch, budget)
+def _shared_prefix_micros(
+    batch: dict[str, Tensor], budget: int, pad_token_id: int, cost_width: int
+) -> list[Micro]:
+    units = shared_prefix_units(batch, budget, cost_width)
     mask = batch["attention_mask"].bool()
     out = []
     for rows in plan_packed([u.length for u in units], budget):
@@ -318,8 +374,11 @@ def make_micros(
     packing: bool,
     pad_token_id: int = 0,
     share_prefixes: bool = False,
+    cost_width: int = DEFAULT_COST_WIDTH,
 ) -> list[Micro]:
     """The micro-batches of one rank's batch: packed (prompts shared if asked) or padded."""
     if packing:
-        return packed_micros(batch, budget, pad_token_id=pad_token_id, share_prefixes=share_prefixes)
+        return packed_micros(
+            batch, budget, pad_token_id=pad_token_id, share_prefixes=share_prefixes, cost_width=cost_width
+        )
     return padded_micros(batch, budget)
