@@ -103,6 +103,19 @@ def agapo_loss_fn(token_logprobs, batch):
     return agapo_loss(token_logprobs, batch["rollout_logprobs"], batch["advantages"], mask, 2.0), {}
 
 
+def agapo_step_and_expected_loss(learner, batch, padded_logprobs):
+    """One AGAPO train step (per-sequence aggregation) and the loss the padded log-probs give."""
+    from kexaone_align.algorithms.agapo import agapo_loss
+
+    mask = batch["loss_mask"]
+    expected = float(agapo_loss(padded_logprobs, batch["rollout_logprobs"], batch["advantages"], mask, 2.0))
+    learner.config.loss_aggregation = "sequences"
+    try:
+        return learner.train_step(batch, agapo_loss_fn), expected
+    finally:
+        learner.config.loss_aggregation = "tokens"
+
+
 def rl_batch():
     """RL rows (prompt + response, right-padded) with rollout log-probs and one advantage per row."""
     g = torch.Generator().manual_seed(2)
@@ -115,7 +128,6 @@ def rl_batch():
 
 def test_sequence_packing_in_the_learner_matches_padded(learner):
     """``LearnerConfig.sequence_packing``: same log-probs and the same AGAPO loss, fewer computed tokens."""
-    from kexaone_align.algorithms.agapo import agapo_loss
 
     batch = rl_batch()
     learner.config.sequence_packing = False
@@ -136,13 +148,9 @@ def test_sequence_packing_in_the_learner_matches_padded(learner):
             per_sample(repacked, sft_packed, sft_rows), per_sample(want, sft_packed, sft_rows), strict=True
         ):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-        mask = batch["loss_mask"]
-        expected = float(agapo_loss(padded, batch["rollout_logprobs"], batch["advantages"], mask, 2.0))
-        learner.config.loss_aggregation = "sequences"
-        metrics = learner.train_step(batch, agapo_loss_fn)
+        metrics, expected = agapo_step_and_expected_loss(learner, batch, padded)
     finally:
         learner.config.sequence_packing = False
-        learner.config.loss_aggregation = "tokens"
     assert metrics["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert metrics["learner_tokens"] == float(batch["attention_mask"].sum())
     assert metrics["computed_tokens"] < batch["input_ids"].numel()
@@ -166,7 +174,6 @@ def grouped_rl_batch():
 def test_shared_prompts_in_the_learner_match_padded(learner):
     """``share_prefixes`` (the default with packing under sdpa): each prompt computed once per unit,
     the same log-probs and AGAPO loss as padded rows, and fewer computed tokens than plain packing."""
-    from kexaone_align.algorithms.agapo import agapo_loss
 
     batch = grouped_rl_batch()
     assert learner.policy.config._attn_implementation == "sdpa"
@@ -177,13 +184,9 @@ def test_shared_prompts_in_the_learner_match_padded(learner):
         learner.config.share_prefixes = True
         shared = learner.forward_logprobs(batch)
         torch.testing.assert_close(shared, padded, rtol=1e-4, atol=1e-5)
-        mask = batch["loss_mask"]
-        expected = float(agapo_loss(padded, batch["rollout_logprobs"], batch["advantages"], mask, 2.0))
-        learner.config.loss_aggregation = "sequences"
-        metrics = learner.train_step(batch, agapo_loss_fn)
+        metrics, expected = agapo_step_and_expected_loss(learner, batch, padded)
     finally:
         learner.config.sequence_packing = False
-        learner.config.loss_aggregation = "tokens"
         learner.config.share_prefixes = False
     assert metrics["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert metrics["learner_tokens"] == float(batch["attention_mask"].sum())  # the rows' tokens, as before

@@ -57,6 +57,15 @@ def model(tmp_path_factory):
     return TokenLogprobModel(load_policy(path), chunk_size=64, zero3=False)
 
 
+def with_rollout_fields(ids, masks, old, g):
+    """Right-padded rows plus the rollout log-probs (``old``, per token) and one advantage per row."""
+    batch = collate(ids, masks, pad_token_id=0)
+    width = batch["input_ids"].shape[1]
+    batch["rollout_logprobs"] = torch.tensor([o + [0.0] * (width - len(o)) for o in old])
+    batch["advantages"] = torch.randn(len(ids), generator=g)
+    return batch
+
+
 def rl_batch(seed=3):
     """An RL-shaped batch: prompt + response rows of varied lengths, right-padded, with advantages."""
     g = torch.Generator().manual_seed(seed)
@@ -65,11 +74,7 @@ def rl_batch(seed=3):
         ids.append(torch.randint(5, 500, (n_prompt + n_resp,), generator=g).tolist())
         masks.append([0] * n_prompt + [1] * n_resp)
         old.append([0.0] * n_prompt + (-torch.rand(n_resp, generator=g) * 3).tolist())
-    batch = collate(ids, masks, pad_token_id=0)
-    width = batch["input_ids"].shape[1]
-    batch["rollout_logprobs"] = torch.tensor([o + [0.0] * (width - len(o)) for o in old])
-    batch["advantages"] = torch.randn(len(ids), generator=g)
-    return batch
+    return with_rollout_fields(ids, masks, old, g)
 
 
 def agapo_fn(logprobs, micro):
@@ -94,11 +99,7 @@ def grouped_rl_batch(seed=5):
                 mask[3:5] = [0, 0]  # a tool result inside the response: not trained, still attended to
             masks.append([0] * n_prompt + mask)
             old.append([0.0] * n_prompt + (-torch.rand(n_resp, generator=g) * 3).tolist())
-    batch = collate(ids, masks, pad_token_id=0)
-    width = batch["input_ids"].shape[1]
-    batch["rollout_logprobs"] = torch.tensor([o + [0.0] * (width - len(o)) for o in old])
-    batch["advantages"] = torch.randn(len(ids), generator=g)
-    return batch
+    return with_rollout_fields(ids, masks, old, g)
 
 
 def loss_and_grads(model, batch, loss_fn, packing, budget=48, share=False):
