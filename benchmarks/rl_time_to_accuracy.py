@@ -59,6 +59,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # Synchronous with two threads per actor: rollout and learner take turns, so each gets both cores
     # while the other waits (as TRL's one process does with --trl-threads 2).
     "ours_2cpu": ("ours", ["cluster.cpus_per_actor=2"]),
+    # Synchronous, each phase on both cores: the step's prompts split over two one-thread rollout workers
+    # (half a CPU each to Ray), then the learner with two threads (learners.threads) while they wait.
+    "ours_turns": ("ours", ["rollout.num_workers=2", "cluster.cpus_per_actor=0.5", "learners.threads=2"]),
     "ours_overlap_2rollout": (
         "ours",
         ["rollout.max_staleness=1", "rollout.num_workers=2", "cluster.cpus_per_actor=0.5"],

@@ -402,3 +402,16 @@ def test_generator_options_take_lists(tmp_path: Path) -> None:
     train, _ = load_prompt_rows(recipe)
     ops = {r.metadata["problem"].split()[1] for r in train}
     assert ops == {"+", "-"}
+
+
+def test_learner_threads_reach_the_learners_and_overlap_is_warned() -> None:
+    from kexaone_align.config import learner_settings
+
+    turns = load_recipe(TINY / "agapo.yaml", ["learners.threads=2", "cluster.cpus_per_actor=0.5"])
+    assert learner_settings(turns, 10)["threads"] == 2
+    assert not [w for w in turns.warnings if "learners.threads" in w]  # synchronous: phases take turns
+    assert learner_settings(load_recipe(TINY / "agapo.yaml"), 10)["threads"] is None  # Ray's CPUs decide
+    overlap = load_recipe(TINY / "agapo.yaml", ["learners.threads=2", "rollout.max_staleness=1"])
+    assert any("learners.threads" in w and "compete" in w for w in overlap.warnings)
+    with pytest.raises(KexaoneError, match=r"learners\.threads"):
+        load_recipe(TINY / "agapo.yaml", ["learners.threads=0"])

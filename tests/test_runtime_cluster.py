@@ -91,8 +91,11 @@ def test_learners_spread_over_two_nodes_and_train(two_node_cluster, tiny_path):
 
 @pytest.mark.slow
 def test_colocated_learners_pack_onto_one_node(two_node_cluster, tiny_path):
-    group = create_learner_group(2, tiny_path, LearnerConfig(), "colocated", LearnerResources(num_cpus=1))
+    # learners.threads: more torch threads than the one CPU each reserves (phases that take turns)
+    config = LearnerConfig(threads=2)
+    group = create_learner_group(2, tiny_path, config, "colocated", LearnerResources(num_cpus=1))
     try:
+        assert group.threads == [2, 2]
         assert len({n["node_id"] for n in group.nodes}) == 1
         assert group.placement_group is not None  # rollout workers can be scheduled into its bundles
     finally:

@@ -52,6 +52,7 @@ def learner_settings(recipe: Recipe, total_steps: int) -> dict[str, Any]:
         "sequence_packing": learn.sequence_packing,
         "share_prefixes": learn.share_prefixes,
         "balance_ranks": learn.balance_ranks,
+        "threads": learn.threads,
         "gradient_checkpointing": bool(recipe.model and recipe.model.gradient_checkpointing),
         "attn_implementation": recipe.model.attn_implementation if recipe.model else None,
         "experts_implementation": recipe.model.experts_implementation if recipe.model else None,

@@ -288,6 +288,14 @@ class LearnersConfig(Section):
         description="Give rows to the data-parallel learners by tokens (longest first, to the least-loaded "
         "rank) rather than in contiguous slices, so no rank waits on another's long tail.",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads in each learner process; None = the CPUs Ray reserves for it "
+        "(cluster.cpus_per_actor). For CPU runs whose learners and rollout workers take turns "
+        "(rollout.max_staleness 0): the learner can then use the cores the idle rollout workers hold. "
+        "With overlap (max_staleness >= 1) more threads than reserved cores oversubscribe them.",
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clipping; None = off.")
     lr_schedule: Literal["wsd", "cosine", "constant"] = Field(
         "constant", description="wsd = warmup-stable-decay; cosine (with warmup); constant (with warmup)."

@@ -221,8 +221,21 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if problems:
         raise KexaoneError("\n".join([f"{path}: invalid recipe:", *problems]))
     recipe._source = path.resolve()
-    recipe._warnings = warnings
+    recipe._warnings = [*warnings, *layout_warnings(recipe)]
     return recipe
+
+
+def layout_warnings(recipe: Recipe) -> list[str]:
+    """Valid but likely slow layouts: learner threads beyond their reserved cores while rollouts overlap."""
+    threads, roll = recipe.learners.threads, recipe.rollout
+    overlapped = recipe.stage == "agapo" and roll.max_staleness >= 1
+    if threads is not None and overlapped and threads > recipe.cluster.cpus_per_actor:
+        return [
+            f"learners.threads: {threads} threads per learner with {recipe.cluster.cpus_per_actor} CPU(s) "
+            "reserved while rollouts overlap training (rollout.max_staleness >= 1): the learner and the "
+            "rollout workers compete for the same cores"
+        ]
+    return []
 
 
 def load_pipeline_stages(recipe: Recipe) -> list[Recipe]:

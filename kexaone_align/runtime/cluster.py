@@ -77,6 +77,7 @@ class LearnerGroup:
         self.config = config
         self.nodes = nodes  # node_info() of each rank: node_id, ip, ...
         self.attention_cost_width = DEFAULT_COST_WIDTH  # the model's, once the learners are set up
+        self.threads: list[int] = []  # each rank's torch threads, once set up (learners.threads)
 
     @property
     def num_learners(self) -> int:
@@ -270,4 +271,5 @@ def create_learner_group(
         raise
     group = LearnerGroup(actors, pg, config, nodes)
     group.attention_cost_width = int(summaries[0].get("attention_cost_width", DEFAULT_COST_WIDTH))
+    group.threads = [int(s.get("threads", 0)) for s in summaries]
     return group

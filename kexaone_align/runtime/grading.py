@@ -93,16 +93,27 @@ class StreamingGrader:
         self._actors: list[Any] = []  # every grading actor started (at most num_workers)
         self._idle: deque[Any] = deque()
         self._rewards: dict[Hashable, float] = {}
+        self._aliases: dict[Hashable, Hashable] = {}  # key -> the key of the same content, graded once
         self._failed = 0
         self._thread: threading.Thread | None = None
         self._closed = False
         self._last_submit = 0.0
 
     # ------------------------------------------------------------------------------- streaming
-    def submit(self, keys: Sequence[Hashable], samples: Sequence[Any]) -> None:
-        """Queue ``samples`` (``keys[i]`` names ``samples[i]``'s reward); Ray starts grading them now."""
-        if len(keys) != len(samples):
+    def submit(
+        self, keys: Sequence[Hashable], samples: Sequence[Any], content: Sequence[Hashable] | None = None
+    ) -> None:
+        """Queue ``samples`` (``keys[i]`` names ``samples[i]``'s reward); Ray starts grading them now.
+
+        ``content[i]``, when given, names what ``samples[i]`` is graded on (e.g. its prompt row and
+        response text): samples of one call with equal content are graded once and every key gets that
+        reward. Rule verifiers are functions of the sample, and a sharpened policy repeats itself: half
+        of a tiny AGAPO step's 128 responses were duplicates of another in their group.
+        """
+        if len(keys) != len(samples) or (content is not None and len(content) != len(keys)):
             raise KexaoneError(f"grading: {len(keys)} keys for {len(samples)} samples")
+        if content is not None:
+            keys, samples = self._first_of_each(keys, samples, content)
         with self._lock:
             for start in range(0, len(samples), self.chunk_size):
                 stop = start + self.chunk_size
@@ -111,6 +122,7 @@ class StreamingGrader:
             if self.backend == "ray":
                 self._launch()
                 self._ensure_thread()
+                self._lock.notify_all()  # wake the harvest thread now, not at its next poll
 
     def wait(self) -> tuple[dict[Hashable, float], dict[str, float]]:
         """Every submitted reward by key (then the grader is empty again), and ``grading/*`` metrics:
@@ -122,8 +134,11 @@ class StreamingGrader:
                 self._lock.wait(timeout=1.0)
             rewards, self._rewards = self._rewards, {}
             failed, self._failed = self._failed, 0
+            aliases, self._aliases = self._aliases, {}
             tail = time.perf_counter() - self._last_submit if rewards else 0.0
-        return rewards, {"grading/tail_s": tail, "grading/failed_tasks": float(failed)}
+        rewards.update({key: rewards[first] for key, first in aliases.items()})
+        metrics = {"grading/tail_s": tail, "grading/failed_tasks": float(failed)}
+        return rewards, metrics | {"grading/duplicates": float(len(aliases))}
 
     def grade(self, samples: Sequence[Any]) -> list[float]:
         """Blocking: rewards of ``samples`` in order (held-out evaluation)."""
@@ -149,6 +164,22 @@ class StreamingGrader:
             self._actors, self._idle = [], deque()
 
     # ------------------------------------------------------------------------------- internals
+    def _first_of_each(
+        self, keys: Sequence[Hashable], samples: Sequence[Any], content: Sequence[Hashable]
+    ) -> tuple[list[Hashable], list[Any]]:
+        """The samples whose content is new to this call; the others become aliases of the first key."""
+        first: dict[Hashable, Hashable] = {}
+        kept_keys, kept = [], []
+        with self._lock:
+            for key, sample, what in zip(keys, samples, content, strict=True):
+                if what in first:
+                    self._aliases[key] = first[what]
+                    continue
+                first[what] = key
+                kept_keys.append(key)
+                kept.append(sample)
+        return kept_keys, kept
+
     def _launch(self) -> None:
         """Start queued chunks on idle grading actors, at most ``num_workers`` at once (the lock is held)."""
         import ray

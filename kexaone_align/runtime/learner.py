@@ -66,6 +66,7 @@ class LearnerConfig:
     sequence_packing: bool = False  # micro-batches of packed rows (runtime.packed_micro), else padded rows
     share_prefixes: bool = False  # packed rows: rows with the same prompt share one copy of it (sdpa / eager)
     balance_ranks: bool = False  # LearnerGroup: rows to ranks by tokens (longest first), else contiguous
+    threads: int | None = None  # torch intra-op threads; None = as the process starts (Ray: its CPUs)
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # transformers kernels; None = transformers' defaults
     experts_implementation: str | None = None
@@ -110,6 +111,7 @@ class LearnerConfig:
             ),
             (0 < self.logprob_top_p <= 1, f"logprob_top_p must be in (0, 1], got {self.logprob_top_p}"),
             (self.logprob_top_k == -1 or self.logprob_top_k >= 1, f"bad logprob_top_k {self.logprob_top_k}"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1 or None, got {self.threads}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -222,6 +224,8 @@ class Learner(LearnerWeightsMixin):
         if cfg.backend == "nccl" and not torch.cuda.is_available():
             raise KexaoneError("LearnerConfig.backend is 'nccl' but no CUDA device is visible")
         self.rank, self.world_size = rank, world_size
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         self._init_distributed(rank, world_size, master_addr, master_port or free_port())
         torch.manual_seed(cfg.seed)
         ds_config = deepspeed_config(cfg)
@@ -261,7 +265,7 @@ class Learner(LearnerWeightsMixin):
         return {
             "rank": rank, "world_size": world_size, "trainable_params": trainable, "total_params": total,
             "share_prefixes": cfg.sequence_packing and cfg.share_prefixes and self._explicit_masks,
-            "attention_cost_width": self.attention_cost_width,
+            "attention_cost_width": self.attention_cost_width, "threads": torch.get_num_threads(),
         }  # fmt: skip
 
     def _init_distributed(self, rank: int, world_size: int, addr: str, port: int) -> None:

@@ -282,12 +282,13 @@ def submit_for_grading(
 ) -> None:
     """``RolloutPool.collect``'s ``on_result`` (bind the first three arguments): grade ``part`` now."""
     plain = [s for s in part if "episode" not in s.metadata]  # tool episodes: their environment scored them
-    out = []
+    out, content = [], []
     for s in plain:
         row = rows[int(s.metadata["row"])]
         text = decode_response(tokenizer, s)
         out.append(Sample(row.messages, text, row.reference, row.task, dict(row.metadata)))
-    grader.submit([sample_key(s) for s in plain], out)
+        content.append((int(s.metadata["row"]), text))  # a repeated response to one row is graded once
+    grader.submit([sample_key(s) for s in plain], out, content=content)
 
 
 def graded_rewards(tokenizer: Any, groups: Sequence[Group], rewards: dict[Any, float]) -> Tensor:
