@@ -57,6 +57,7 @@ def test_memcpy_bandwidth_is_positive_and_recorded():
         "rollout_compaction",
         "rollout_decode_paths",
         "code_humaneval",
+        "grading_latency",
     ],
 )
 def test_committed_results_are_traceable(name):
@@ -71,7 +72,7 @@ def test_committed_results_are_traceable(name):
 def test_scripts_show_help():
     scripts = ("logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels",
                "rollout_backends", "rollout_compaction", "rollout_decode_paths",
-               "code_humaneval")  # fmt: skip
+               "code_humaneval", "grading_latency")  # fmt: skip
     for script in (f"{name}.py" for name in scripts):
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--out" in out.stdout
