@@ -252,6 +252,7 @@ def test_overlap_quick_mode_end_to_end(tmp_path):
         "rl_time_to_accuracy_sync_2cpus.json",
         "rl_time_to_accuracy_decode_paths.json",
         "rl_time_to_accuracy_shared_prefix.json",
+        "rl_time_to_accuracy_turns.json",
     ],
 )
 def test_rl_time_to_accuracy_committed_results_are_traceable(name):
