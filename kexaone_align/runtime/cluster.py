@@ -271,5 +271,5 @@ def create_learner_group(
         raise
     group = LearnerGroup(actors, pg, config, nodes)
     group.attention_cost_width = int(summaries[0].get("attention_cost_width", DEFAULT_COST_WIDTH))
-    group.threads = [int(s.get("threads", 0)) for s in summaries]
+    group.threads = [int(s["threads"]) for s in summaries]
     return group

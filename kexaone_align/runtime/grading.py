@@ -110,8 +110,10 @@ class StreamingGrader:
         reward. Rule verifiers are functions of the sample, and a sharpened policy repeats itself: half
         of a tiny AGAPO step's 128 responses were duplicates of another in their group.
         """
-        if len(keys) != len(samples) or (content is not None and len(content) != len(keys)):
+        if len(keys) != len(samples):
             raise KexaoneError(f"grading: {len(keys)} keys for {len(samples)} samples")
+        if content is not None and len(content) != len(keys):
+            raise KexaoneError(f"grading: {len(keys)} keys for {len(content)} content entries")
         if content is not None:
             keys, samples = self._first_of_each(keys, samples, content)
         with self._lock:
