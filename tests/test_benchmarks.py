@@ -16,6 +16,26 @@ import verifier_throughput  # noqa: E402
 import weight_sync  # noqa: E402
 
 
+def run_script(cmd: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a benchmark; past ``timeout`` kill it with every process it started (its Ray cluster and
+    run children), so one hung benchmark fails its test without starving the tests after it."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+        for member in tree:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{cmd[1]} ran past {timeout} s and was killed with its children: {stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def test_logprob_child_sees_the_naive_logits_and_not_the_chunked_ones():
     # S=4096, V=32768: naive logits are 537 MB (x ~3 with log_softmax and grads); chunks of 128 are 17 MB,
     # plus ~100 MB of one-off allocator/thread overhead seen in the child on this machine.
@@ -145,7 +165,7 @@ def test_rl_time_to_accuracy_refuses_unknown_arms(tmp_path):
     script = str(BENCH / "rl_time_to_accuracy.py")
     for arms, message in (("ours,fast", "give distinct arms"), ("trl,ours_overlap", "must include 'ours'")):
         cmd = [sys.executable, script, "--quick", "--arms", arms, "--out", str(tmp_path / "x.json")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+        proc = run_script(cmd, timeout=120, cwd=BENCH.parent)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -178,7 +198,7 @@ def test_rl_time_to_accuracy_trl_config_mirrors_the_agapo_recipe(tmp_path):
 def test_rl_time_to_accuracy_quick_runs_both_systems_end_to_end(tmp_path):
     out = tmp_path / "tta.json"
     cmd = [sys.executable, str(BENCH / "rl_time_to_accuracy.py"), "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    proc = run_script(cmd, timeout=300, cwd=BENCH.parent)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["benchmark"] == "rl_time_to_accuracy" and data["command"] and data["machine"]["nproc"] >= 1
@@ -226,10 +246,7 @@ def test_overlap_reads_steady_step_time_from_training_rows_only(tmp_path):
 def test_overlap_quick_mode_end_to_end(tmp_path):
     """Both arms really run the AGAPO stage (sync at staleness 0, overlap at 1) and the JSON says so."""
     out = tmp_path / "overlap.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "overlap.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_script([sys.executable, str(BENCH / "overlap.py"), "--quick", "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["benchmark"] == "overlap" and data["settings"]["quick"] is True
@@ -293,7 +310,7 @@ def test_rollout_decode_paths_quick_checks_identical_samples_and_records_both_pa
     out = tmp_path / "paths.json"
     script = str(BENCH / "rollout_decode_paths.py")
     cmd = [sys.executable, script, "--quick", "--workdir", str(tmp_path / "w"), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_script(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["settings"]["attention"] == {"fast": "kexaone_gqa_sdpa", "before": "sdpa"}

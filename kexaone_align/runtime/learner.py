@@ -272,6 +272,9 @@ class Learner(LearnerWeightsMixin):
         import deepspeed
         import torch.distributed as dist
 
+        from kexaone_align.runtime.ds_ops import load_op
+
+        load_op("ShareMemCommBuilder")  # init_distributed builds it on CPU; see ds_ops for why first
         if dist.is_initialized():
             if dist.get_world_size() != world_size or dist.get_rank() != rank:
                 raise KexaoneError(
