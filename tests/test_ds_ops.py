@@ -49,6 +49,26 @@ def test_without_a_process_table_only_an_old_lock_counts_as_stale(tmp_path, monk
     assert ds_ops.clear_stale_baton(baton, stale_after_s=1.0) is True
 
 
+def test_another_users_unreadable_processes_make_the_holder_unknown(tmp_path, monkeypatch):
+    baton = tmp_path / "lock"
+    baton.touch()
+
+    def refuse(_path):
+        raise PermissionError("not yours")
+
+    monkeypatch.setattr(ds_ops.os, "readlink", refuse)
+    assert ds_ops.baton_is_held(baton) is None  # could be their build: only its age may condemn it
+
+
+def test_an_extensions_directory_we_cannot_write_is_used_unlocked(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    ran = []
+    with ds_ops._exclusive(blocker / "kexaone.flock"):
+        ran.append(True)
+    assert ran == [True]
+
+
 def test_load_op_clears_a_leftover_lock_before_building(tmp_path, monkeypatch):
     """The path learner setup takes: a leftover lock in the op's build directory is gone before the
     builder runs (torch's own build would otherwise wait on it forever), and the op it returns is used."""

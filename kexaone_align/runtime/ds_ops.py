@@ -30,24 +30,29 @@ STALE_AFTER_S = 900.0  # only used where /proc does not show who holds the baton
 
 
 def baton_is_held(baton: Path) -> bool | None:
-    """Whether some process has ``baton`` open (torch keeps it open while building); None when the
-    process table cannot be read (not Linux)."""
+    """Whether some process has ``baton`` open (torch keeps it open while building); None when that
+    cannot be known: no ``/proc`` (not Linux), or some process's open files are not ours to read
+    (another user's; PID 1, a container's or VM's init that never builds extensions, is left out)."""
     proc = Path("/proc")
     if not proc.is_dir():
         return None
     target = os.path.realpath(baton)
+    unreadable = False
     for fd_dir in proc.glob("[0-9]*/fd"):
         try:
             for fd in fd_dir.iterdir():
                 if os.readlink(fd) == target:
                     return True
-        except OSError:  # another user's process, or one that just exited
+        except PermissionError:  # it could be the builder
+            unreadable = unreadable or fd_dir.parent.name != "1"
+        except OSError:  # a process that exited while we looked
             continue
-    return False
+    return None if unreadable else False
 
 
 def clear_stale_baton(baton: Path, stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0) -> bool:
     """Remove ``baton`` if it is a leftover; wait while a live build holds it. True if one was removed."""
+    waiting_said = False
     while baton.exists():
         try:
             age = time.time() - baton.stat().st_mtime
@@ -63,14 +68,28 @@ def clear_stale_baton(baton: Path, stale_after_s: float = STALE_AFTER_S, poll_s:
             )
             baton.unlink(missing_ok=True)
             return True
+        if not waiting_said:
+            waiting_said = True
+            limit = "" if held else f" (or until it is {stale_after_s:.0f} s old: then it is left over)"
+            logger.warning("waiting for another process's build of this op to finish: %s%s", baton, limit)
         time.sleep(poll_s)
     return False
 
 
 @contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    """Hold an exclusive OS lock on ``path`` (released if this process dies); without the right to
+    create it (a shared, read-only extensions directory) go on unlocked, as DeepSpeed alone would."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # closed below, after the lock is released
+    except OSError as exc:
+        logger.debug("no build lock at %s (%s); loading unlocked", path, exc)
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
