@@ -92,7 +92,7 @@ def test_committed_results_are_traceable(name):
 def test_scripts_show_help():
     scripts = ("logprob_memory", "verifier_throughput", "weight_sync", "overlap", "moe_kernels",
                "rollout_backends", "rollout_compaction", "rollout_decode_paths",
-               "code_humaneval", "grading_latency")  # fmt: skip
+               "code_humaneval", "grading_latency", "rl_time_to_accuracy_pool")  # fmt: skip
     for script in (f"{name}.py" for name in scripts):
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--out" in out.stdout
@@ -317,3 +317,43 @@ def test_rollout_decode_paths_quick_checks_identical_samples_and_records_both_pa
     (row,) = data["rounds"]
     assert 0 < row["fast"]["tokens"] == row["before"]["tokens"] <= 2 * 4 * 12
     assert data["fast_over_before"]["ratio_of_medians"] > 0
+
+
+def _as_seeds(data: dict, shift: int) -> dict:
+    """``data`` (a committed TTA result) as if its seeds had been ``seed + shift``."""
+    out = json.loads(json.dumps(data))
+    out["settings"]["seeds"] = [s + shift for s in data["settings"]["seeds"]]
+    targets = data["summary"]["target_accuracy"]
+    out["summary"]["target_accuracy"] = {str(int(k) + shift): v for k, v in targets.items()}
+    for run in out["runs"]:
+        run["seed"] += shift
+    return out
+
+
+def test_pooled_tta_results_cover_every_seed_and_refuse_what_does_not_pool():
+    import rl_time_to_accuracy_pool as tta_pool
+
+    data = json.loads((BENCH / "results" / "rl_time_to_accuracy_turns.json").read_text())
+    pooled = tta_pool.pool([data, _as_seeds(data, 10)], ["a.json", "b.json"])
+    summary = pooled["summary"]
+    for arm in ("ours", "ours_turns", "ours_overlap"):
+        alone = data["summary"][f"per_seed_ratio_time_to_target_{arm}"]
+        assert summary[f"per_seed_ratio_time_to_target_{arm}"] == alone + alone
+        assert summary[f"median_per_seed_ratio_time_to_target_{arm}"] == pytest.approx(
+            data["summary"][f"median_per_seed_ratio_time_to_target_{arm}"]
+        )
+    assert pooled["settings"]["seeds"] == [0, 1, 2, 10, 11, 12]
+    assert len(pooled["runs"]) == 2 * len(data["runs"])
+    with pytest.raises(tta_pool.PoolError, match=r"seed 0 is in both a\.json and b\.json"):
+        tta_pool.pool([data, data], ["a.json", "b.json"])
+    other = _as_seeds(data, 10)
+    other["settings"]["steps"] = 40
+    with pytest.raises(tta_pool.PoolError, match=r"settings\.steps"):
+        tta_pool.pool([data, other], ["a.json", "b.json"])
+    other = _as_seeds(data, 10)
+    other["machine"]["cpu_model"] = "Intel Xeon"
+    with pytest.raises(tta_pool.PoolError, match="another machine kind"):
+        tta_pool.pool([data, other], ["a.json", "b.json"])
+    script = str(BENCH / "rl_time_to_accuracy_pool.py")
+    proc = subprocess.run([sys.executable, script, script, "--out", "x.json"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "give at least two" in proc.stderr and "Traceback" not in proc.stderr
