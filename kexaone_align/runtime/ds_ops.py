@@ -4,8 +4,8 @@ torch builds an extension while holding a lock file (``torch.utils.file_baton``)
 building process removes. A process killed mid-build (Ctrl-C during a learner's first setup, a job
 timeout, a preempted node) leaves that file behind, and every later load of the op waits on it
 forever without a word. DeepSpeed builds its CPU shared-memory allreduce op inside
-``init_distributed`` and its CPU Adam op when the optimizer is offloaded, so a fresh environment
-(a new venv means a rebuild) that meets such a leftover hangs in learner setup.
+``init_distributed``, so a fresh environment (a new venv means a rebuild) that met such a leftover
+hung in learner setup: every learner test of one CI run did.
 
 ``load_op`` builds or loads the op itself first, holding an OS file lock that dies with its holder:
 among our processes only the lock holder builds. A baton file that no process has open (Linux
@@ -60,11 +60,13 @@ def clear_stale_baton(baton: Path, stale_after_s: float = STALE_AFTER_S, poll_s:
             return False
         held = baton_is_held(baton)
         if held is False or (held is None and age >= stale_after_s):
+            why = "no process holds it" if held is False else f"older than {stale_after_s:.0f} s"
             logger.warning(
                 "removing %s: a torch extension build lock left by a process killed mid-build "
-                "(%.0f s old, held by no process); the op is rebuilt",
+                "(%.0f s old, %s); the op is rebuilt",
                 baton,
                 age,
+                why,
             )
             baton.unlink(missing_ok=True)
             return True
