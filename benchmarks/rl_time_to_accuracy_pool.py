@@ -3,7 +3,8 @@
 Each input is a JSON written by ``rl_time_to_accuracy.py``. They must measure the same thing: same
 checkpoint, recipe, overrides, steps, evaluation schedule, target gain, TRL settings and arms, on the
 same machine kind (CPU model and core count), and their seeds must not overlap (a seed run twice is a
-repeat, not a new seed). Every run keeps its own seed's target; the pooled summary is computed with
+repeat, not a new seed). Arms are pooled where every input ran them (each with the same overrides;
+``ours`` and ``trl`` always). Every run keeps its own seed's target; the pooled summary is computed with
 the same functions as a single run's (``_tta_summary.summarize_seeds``), so the per-seed ratios
 and their median cover all seeds.
 
@@ -25,7 +26,7 @@ from _tta_summary import summarize_seeds
 
 # settings that must agree between pooled results (seeds and the per-seed targets may differ)
 SAME_SETTINGS = ("recipe", "steps", "eval_every", "num_eval", "repeats", "trl_threads", "trl_micro_batch",
-                 "arms", "quick")  # fmt: skip
+                 "quick")  # fmt: skip
 SAME_MACHINE = ("cpu_model", "nproc")
 
 
@@ -57,15 +58,21 @@ def pool(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         for key in SAME_MACHINE:
             if result["machine"][key] != first["machine"][key]:
                 raise PoolError(f"{name} ran on another machine kind than {first_name} ({key})")
+    arms = tuple(a for a in first["settings"]["arms"] if all(a in r["settings"]["arms"] for r in results))
+    if "ours" not in arms or "trl" not in arms:
+        raise PoolError(f"the results share the arms {list(arms)}: pooling needs 'ours' and 'trl' in each")
+    for result, name in zip(results, names, strict=True):
+        for arm in arms:
+            if result["settings"]["arms"][arm] != first["settings"]["arms"][arm]:
+                raise PoolError(f"arm {arm!r} is defined differently in {name} and {first_name}")
     seen: dict[int, str] = {}
     for result, name in zip(results, names, strict=True):
         for seed in result["settings"]["seeds"]:
             if seed in seen:
                 raise PoolError(f"seed {seed} is in both {seen[seed]} and {name}: pool disjoint seeds")
             seen[seed] = name
-    runs = [run for result in results for run in result["runs"]]
+    runs = [run for result in results for run in result["runs"] if run["system"] in arms]
     targets = {int(seed): float(t) for r in results for seed, t in r["summary"]["target_accuracy"].items()}
-    arms = tuple(first["settings"]["arms"])
     summary = summarize_seeds(runs, targets, arms)
     summary["before_rl_identical_across_arms_within_each_seed"] = all(
         r["summary"].get("before_rl_identical_across_arms_within_each_seed", False) for r in results
@@ -81,7 +88,11 @@ def pool(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         for r, name in zip(results, names, strict=True)
     ]
     settings = {k: first["settings"][k] for k in SAME_SETTINGS}
-    settings.update(seeds=sorted(targets), target_gain=first["settings"]["target"]["gain"])
+    settings.update(
+        seeds=sorted(targets),
+        target_gain=first["settings"]["target"]["gain"],
+        arms={arm: first["settings"]["arms"][arm] for arm in arms},
+    )
     return {
         "benchmark": "rl_time_to_accuracy",
         "pooled_from": sources,

@@ -354,6 +354,16 @@ def test_pooled_tta_results_cover_every_seed_and_refuse_what_does_not_pool():
     other["machine"]["cpu_model"] = "Intel Xeon"
     with pytest.raises(tta_pool.PoolError, match="another machine kind"):
         tta_pool.pool([data, other], ["a.json", "b.json"])
+    fewer = _as_seeds(data, 10)
+    fewer["settings"]["arms"].pop("ours_turns")
+    fewer["runs"] = [r for r in fewer["runs"] if r["system"] != "ours_turns"]
+    shared = tta_pool.pool([data, fewer], ["a.json", "b.json"])
+    assert list(shared["settings"]["arms"]) == ["ours", "ours_overlap", "trl"]
+    assert len(shared["summary"]["per_seed_ratio_time_to_target_ours_overlap"]) == 6
+    assert "per_seed_ratio_time_to_target_ours_turns" not in shared["summary"]
+    fewer["settings"]["arms"]["ours_overlap"]["overrides"] = ["rollout.max_staleness=2"]
+    with pytest.raises(tta_pool.PoolError, match="'ours_overlap' is defined differently"):
+        tta_pool.pool([data, fewer], ["a.json", "b.json"])
     script = str(BENCH / "rl_time_to_accuracy_pool.py")
     proc = subprocess.run([sys.executable, script, script, "--out", "x.json"], capture_output=True, text=True)
     assert proc.returncode != 0 and "give at least two" in proc.stderr and "Traceback" not in proc.stderr
