@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json
+from _common import command_line, write_json
 from _tta_summary import summarize_seeds
 
 # settings that must agree between pooled results (seeds and the per-seed targets may differ)
@@ -120,7 +120,7 @@ def main() -> None:
         payload = pool(results, args.inputs)
     except PoolError as exc:
         sys.exit(f"rl_time_to_accuracy_pool: {exc}")
-    write_json(args.out, payload)
+    write_json(args.out, {"command": command_line(), **payload})
     summary = payload["summary"]
     for arm in payload["settings"]["arms"]:
         key = f"median_per_seed_ratio_time_to_target_{arm}"

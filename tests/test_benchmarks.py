@@ -270,6 +270,7 @@ def test_overlap_quick_mode_end_to_end(tmp_path):
         "rl_time_to_accuracy_decode_paths.json",
         "rl_time_to_accuracy_shared_prefix.json",
         "rl_time_to_accuracy_turns.json",
+        "rl_time_to_accuracy_seeds345.json",
     ],
 )
 def test_rl_time_to_accuracy_committed_results_are_traceable(name):
@@ -367,3 +368,15 @@ def test_pooled_tta_results_cover_every_seed_and_refuse_what_does_not_pool():
     script = str(BENCH / "rl_time_to_accuracy_pool.py")
     proc = subprocess.run([sys.executable, script, script, "--out", "x.json"], capture_output=True, text=True)
     assert proc.returncode != 0 and "give at least two" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_committed_pooled_tta_result_is_its_sources_pooled():
+    import rl_time_to_accuracy_pool as tta_pool
+
+    path = BENCH / "results" / "rl_time_to_accuracy_pooled_6seeds.json"
+    committed = json.loads(path.read_text())
+    assert committed["command"].startswith("python benchmarks/rl_time_to_accuracy_pool.py")
+    names = [source["file"] for source in committed["pooled_from"]]
+    sources = [json.loads((BENCH.parent / name).read_text()) for name in names]
+    again = tta_pool.pool(sources, names)
+    assert again["summary"] == committed["summary"] and again["settings"]["seeds"] == [0, 1, 2, 3, 4, 5]
