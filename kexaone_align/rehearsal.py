@@ -168,7 +168,7 @@ def write_rehearsal(pipeline_path: str | Path, out: str | Path) -> Path:
     return path
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def kill_process_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the driver and every process it started (local Ray, actors, vLLM engine processes)."""
     import psutil
 
@@ -208,7 +208,7 @@ def rehearse(
         try:
             while proc.poll() is None:
                 if kill_stage is not None and _stage_checkpointed(run_dir, kill_stage):
-                    _kill_tree(proc)
+                    kill_process_tree(proc)
                     facts["killed"] = True
                     facts["killed_after_s"] = round(time.perf_counter() - started, 1)
                     logger.warning("rehearsal: killed the run once stage %d had a checkpoint", kill_stage)
@@ -218,7 +218,7 @@ def rehearse(
                 time.sleep(1.0)
         finally:
             if proc.poll() is None:
-                _kill_tree(proc)
+                kill_process_tree(proc)
         if proc.returncode not in (0, -signal.SIGKILL) and not facts["killed"]:
             raise KexaoneError(f"rehearsal run failed with exit code {proc.returncode} (log: {log})")
         if facts["killed"] or proc.returncode != 0:

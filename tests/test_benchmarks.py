@@ -19,18 +19,13 @@ import weight_sync  # noqa: E402
 def run_script(cmd: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a benchmark; past ``timeout`` kill it with every process it started (its Ray cluster and
     run children), so one hung benchmark fails its test without starving the tests after it."""
-    import psutil
+    from kexaone_align.rehearsal import kill_process_tree
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
-        for member in tree:
-            try:
-                member.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_process_tree(proc)
         stdout, stderr = proc.communicate()
         pytest.fail(f"{cmd[1]} ran past {timeout} s and was killed with its children: {stderr[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

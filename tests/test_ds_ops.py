@@ -100,7 +100,7 @@ def test_load_op_clears_a_leftover_lock_before_building(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_learner_setup_survives_a_leftover_shm_op_lock(tmp_path):
+def test_a_real_shm_op_build_goes_past_a_leftover_lock(tmp_path):
     """DeepSpeed's CPU allreduce op, really built in a fresh extensions directory that holds a
     leftover lock (what hung every learner of a CI run), then loaded."""
     import subprocess
